@@ -1,0 +1,134 @@
+"""COCO mask encodings (RLE, polygons) to and from numpy, checked against their canvas.
+
+Every function that reads user data takes ``where`` (e.g. ``"gt.json: annotation 7:
+visible_mask"``) so that a bad mask fails with one :class:`InputError` naming its place.
+"""
+
+import numbers
+
+import numpy as np
+import pycocotools.mask as mask_utils
+
+from orcnn_core.errors import InputError
+
+
+def encode(mask: np.ndarray) -> dict:
+    """Compressed RLE of a 2-D mask, with ``counts`` as str (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def decode(rle: dict) -> np.ndarray:
+    """uint8 H x W mask of a compressed RLE (``counts`` str or bytes)."""
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        rle = {"size": rle["size"], "counts": counts.encode("ascii")}
+    return mask_utils.decode(rle)
+
+
+def _check_size(size, where):
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+                       for v in size)):
+        raise InputError(f"{where}: RLE 'size' must be [height, width], got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _compressed_counts(raw: bytes, where: str) -> list:
+    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString, checked).
+
+    pycocotools reads past the end of a malformed string instead of failing, so user data
+    is parsed here first.
+    """
+    runs = []
+    pos = 0
+    while pos < len(raw):
+        value = 0
+        shift = 0
+        more = True
+        while more:
+            if pos >= len(raw):
+                raise InputError(f"{where}: corrupt RLE counts (truncated)")
+            c = raw[pos] - 48
+            if not 0 <= c < 64:
+                raise InputError(f"{where}: corrupt RLE counts (byte {raw[pos]!r})")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def rle_size(segm, where: str):
+    """(height, width) an RLE declares, or None for polygons."""
+    if isinstance(segm, dict):
+        if "size" not in segm or "counts" not in segm:
+            raise InputError(f"{where}: RLE needs 'size' and 'counts'")
+        return _check_size(segm["size"], where)
+    return None
+
+
+def to_rle(segm, height: int, width: int, where: str, polygon_offset: int = 0) -> dict:
+    """Compressed RLE (str counts) of a COCO segmentation on a ``height`` x ``width`` canvas.
+
+    Accepts compressed RLE (counts str or bytes), uncompressed RLE (counts a list of ints)
+    and polygons (a list of [x0, y0, x1, y1, ...] in image pixels, shifted by
+    ``polygon_offset`` onto the canvas). An RLE whose size is not the canvas, a polygon with
+    fewer than 3 points, or malformed counts raise :class:`InputError` naming ``where``.
+    """
+    if isinstance(segm, dict):
+        size = rle_size(segm, where)
+        if size != (height, width):
+            raise InputError(
+                f"{where}: RLE size {list(size)} disagrees with the image canvas "
+                f"[{height}, {width}]")
+        counts = segm["counts"]
+        if isinstance(counts, list):
+            if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0
+                       for c in counts) or sum(counts) != height * width:
+                raise InputError(f"{where}: uncompressed RLE counts must be non-negative "
+                                 f"integers summing to {height} x {width}")
+            rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts},
+                                         height, width)
+        elif isinstance(counts, (str, bytes)):
+            raw = counts.encode("latin-1") if isinstance(counts, str) else counts
+            runs = _compressed_counts(raw, where)
+            if any(r < 0 for r in runs) or sum(runs) != height * width:
+                raise InputError(f"{where}: corrupt RLE counts (runs do not cover the "
+                                 f"{height} x {width} canvas)")
+            rle = {"size": [height, width], "counts": raw}
+        else:
+            raise InputError(f"{where}: RLE counts must be a string or a list of integers")
+        counts = rle["counts"]
+        return {"size": [height, width],
+                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+    if isinstance(segm, list):
+        if not segm:
+            raise InputError(f"{where}: empty polygon list")
+        polygons = []
+        for poly in segm:
+            if (not isinstance(poly, list) or len(poly) % 2
+                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                               and np.isfinite(v) for v in poly)):
+                raise InputError(f"{where}: a polygon must be a flat list of x, y numbers")
+            if len(poly) < 6:
+                raise InputError(f"{where}: polygon with {len(poly) // 2} points "
+                                 f"(at least 3 needed)")
+            polygons.append([float(v) + polygon_offset for v in poly])
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+    raise InputError(f"{where}: segmentation must be an RLE dict or a list of polygons, "
+                     f"got {type(segm).__name__}")
+
+
+def pad_mask(mask: np.ndarray, pad: int) -> np.ndarray:
+    """Place an image-sized mask on a canvas with ``pad`` zero pixels on every side."""
+    if pad == 0:
+        return mask
+    return np.pad(mask, pad, mode="constant")
