@@ -3,9 +3,12 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
+# The generated setup scripts read unset variables: source them without nounset.
+set +u
 # shellcheck disable=SC1091
 source .venv/bin/activate && source install/setup.bash || {
     echo "[test] environment missing: run make setup" >&2; exit 1; }
+set -u
 # Keep DDS traffic of tests on this machine.
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 # `pytest`, not `python -m pytest`: the latter puts the repository root on sys.path.
