@@ -109,3 +109,12 @@ def test_console_script_runs():
     assert result.stdout.startswith("orcnn-core ")
     result = subprocess.run(["orcnn-core"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
+
+
+def test_setup_is_idempotent():
+    """A second set-up on a ready checkout skips every step and takes seconds."""
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Python packages up to date" in result.stdout, result.stdout
+    assert "colcon build up to date" in result.stdout, result.stdout
