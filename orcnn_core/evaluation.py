@@ -1,0 +1,682 @@
+"""Amodal instance segmentation metrics (Follmann et al. 2019, section 3.3).
+
+``AP_A`` and ``AP_V`` are COCO mask AP on amodal resp. visible masks; ``AP_AV`` counts a
+detection as a true positive at IoU threshold t only when amodal *and* visible IoU with the
+same ground truth reach t. The *occluded* evaluation ignores non-occluded ground truths and
+the detections meant for them (amodal IoU >= 0.5 with one, and higher than with any
+occluded ground truth of the class), and adds ``AP_IV50`` (invisible-mask AP at IoU 0.5).
+On top: occlusion-order accuracy of matched pairs and a breakdown by occlusion level,
+truncation and object size. docs/evaluation.md defines every figure; all AP values are
+fractions in [0, 1], -1 where undefined (no ground truth).
+
+COCO matching (crowd regions, area ranges, 100 detections, 101-point interpolated
+precision) is pycocotools' own: :class:`_MatrixEval` feeds ``COCOeval`` precomputed IoU
+matrices, so ``AP_A``/``AP_V`` equal pycocotools' segm AP on the same masks.
+"""
+
+import contextlib
+import io
+import json
+import math
+import numbers
+from collections import defaultdict
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+
+from orcnn_core import masks
+from orcnn_core.errors import InputError
+from orcnn_core.fileio import atomic_write_json
+
+#: Detections with amodal IoU >= this with an ignored ground truth are ignored (paper 3.3).
+IGNORE_IOU = 0.5
+#: Amodal IoU at which detections are matched to ground truths for the occlusion order.
+ORDER_IOU = 0.5
+#: Occlusion levels by occlusion rate r = |amodal AND NOT visible| / |amodal|:
+#: none r = 0, partial 0 < r < HEAVY_OCCLUSION, heavy r >= HEAVY_OCCLUSION.
+HEAVY_OCCLUSION = 0.5
+MASK_KINDS = ("AV", "A", "V")
+
+
+# ----------------------------------------------------------------------------------------
+# Reading and checking the inputs
+
+
+class _Instance:
+    """One ground truth or detection with its masks on the image's padded canvas."""
+
+    __slots__ = ("uid", "source", "image_id", "category_id", "score", "iscrowd", "amodal",
+                 "visible", "invisible", "has_visible", "area", "rate", "truncated")
+
+    def __init__(self, uid, source, image_id, category_id, amodal, visible, invisible,
+                 score=1.0, iscrowd=0):
+        self.uid = uid                  # 1.. (COCOeval reads id 0 as "unmatched")
+        self.source = source            # annotation id, or index in the results list
+        self.image_id = image_id
+        self.category_id = category_id
+        self.score = score
+        self.iscrowd = iscrowd
+        self.amodal = amodal
+        self.visible = visible or amodal
+        self.has_visible = visible is not None
+        self.invisible = invisible      # None: amodal AND NOT visible, computed when needed
+        self.area = float(mask_utils.area(amodal))
+        self.rate = 0.0                 # occlusion rate (ground truth only)
+        self.truncated = False          # amodal mask reaches the padding (ground truth only)
+
+
+def load_json(path, what: str):
+    """Parsed JSON of ``path``; a missing file or bad JSON raises :class:`InputError`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what} file ({exc.strerror})") from None
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON (line {exc.lineno} col {exc.colno}: "
+                         f"{exc.msg})") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _need(obj: dict, key: str, where: str):
+    if key not in obj:
+        raise InputError(f"{where}: missing key '{key}'")
+    return obj[key]
+
+
+def _need_int(obj: dict, key: str, where: str, minimum=None) -> int:
+    value = _need(obj, key, where)
+    if not _is_int(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise InputError(f"{where}: '{key}' must be an integer{bound}, got {value!r}")
+    return int(value)
+
+
+def _need_list(obj: dict, key: str, where: str) -> list:
+    value = _need(obj, key, where)
+    if not isinstance(value, list):
+        raise InputError(f"{where}: '{key}' must be a list")
+    return value
+
+
+def _check_bbox(obj: dict, where: str) -> None:
+    """``bbox`` is optional (segm evaluation does not use it) but must be sane when given."""
+    box = obj.get("bbox")
+    if box is None:
+        return
+    if (not isinstance(box, list) or len(box) != 4
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                       and math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0):
+        raise InputError(f"{where}: 'bbox' must be [x, y, width, height], got {box!r}")
+
+
+def _image_padding(image: dict, anns: list, name: str) -> int:
+    """Mask padding P of one image: its ``mask_padding``, else inferred from RLE sizes."""
+    if image["mask_padding"] is not None:
+        return image["mask_padding"]
+    height, width = image["height"], image["width"]
+    padding, first = None, None
+    for ann in anns:
+        for key in ("segmentation", "visible_mask", "invisible_mask"):
+            where = f"{name}: annotation {ann['id']}: {key}"
+            size = masks.rle_size(ann[key], where) if ann.get(key) is not None else None
+            if size is None:
+                continue
+            pad_h, pad_w = size[0] - height, size[1] - width
+            if pad_h != pad_w or pad_h < 0 or pad_h % 2:
+                raise InputError(
+                    f"{where}: RLE size {list(size)} disagrees with image {image['id']} "
+                    f"([{height}, {width}], or [H + 2P, W + 2P] for a padded canvas)")
+            if padding is None:
+                padding, first = pad_h // 2, ann["id"]
+            elif pad_h // 2 != padding:
+                raise InputError(
+                    f"{where}: RLE size {list(size)} implies mask padding {pad_h // 2}, "
+                    f"but annotation {first} of image {image['id']} implies {padding}")
+    return padding or 0
+
+
+def _read_images(gt: dict, name: str) -> dict:
+    images = {}
+    for index, image in enumerate(_need_list(gt, "images", name)):
+        where = f"{name}: images[{index}]"
+        if not isinstance(image, dict):
+            raise InputError(f"{where}: must be an object")
+        image_id = _need_int(image, "id", where)
+        where = f"{name}: image {image_id}"
+        if image_id in images:
+            raise InputError(f"{where}: duplicate image id")
+        padding = image.get("mask_padding")
+        if padding is not None and (not _is_int(padding) or padding < 0):
+            raise InputError(f"{where}: 'mask_padding' must be an integer >= 0")
+        images[image_id] = {"id": image_id, "height": _need_int(image, "height", where, 1),
+                            "width": _need_int(image, "width", where, 1),
+                            "mask_padding": padding}
+    return images
+
+
+def _read_categories(gt: dict, name: str) -> set:
+    categories = set()
+    for index, category in enumerate(_need_list(gt, "categories", name)):
+        where = f"{name}: categories[{index}]"
+        if not isinstance(category, dict):
+            raise InputError(f"{where}: must be an object")
+        category_id = _need_int(category, "id", where)
+        if category_id in categories:
+            raise InputError(f"{where}: duplicate category id {category_id}")
+        categories.add(category_id)
+    return categories
+
+
+def _read_gt(gt, name: str):
+    """Images, categories, ground-truth instances and relations of a GT dict, all checked."""
+    if not isinstance(gt, dict):
+        raise InputError(f"{name}: ground truth must be a JSON object with 'images', "
+                         f"'annotations' and 'categories'")
+    images = _read_images(gt, name)
+    categories = _read_categories(gt, name)
+    anns_by_image = defaultdict(list)
+    seen = set()
+    for index, ann in enumerate(_need_list(gt, "annotations", name)):
+        if not isinstance(ann, dict):
+            raise InputError(f"{name}: annotations[{index}]: must be an object")
+        ann_id = _need_int(ann, "id", f"{name}: annotations[{index}]")
+        where = f"{name}: annotation {ann_id}"
+        if ann_id in seen:
+            raise InputError(f"{where}: duplicate annotation id")
+        seen.add(ann_id)
+        image_id = _need_int(ann, "image_id", where)
+        if image_id not in images:
+            raise InputError(f"{where}: image_id {image_id} is not in 'images'")
+        category_id = _need_int(ann, "category_id", where)
+        if category_id not in categories:
+            raise InputError(f"{where}: category_id {category_id} is not in 'categories'")
+        if ann.get("iscrowd", 0) not in (0, 1):
+            raise InputError(f"{where}: 'iscrowd' must be 0 or 1")
+        _need(ann, "segmentation", where)
+        _check_bbox(ann, where)
+        rate = ann.get("occlude_rate")
+        if rate is not None and (not isinstance(rate, numbers.Real) or isinstance(rate, bool)
+                                 or not 0 <= rate <= 1):
+            raise InputError(f"{where}: 'occlude_rate' must be a number in [0, 1]")
+        anns_by_image[image_id].append(ann)
+
+    instances = []
+    for image_id, anns in anns_by_image.items():
+        image = images[image_id]
+        image["mask_padding"] = _image_padding(image, anns, name)
+        inside = _image_area(image)
+        for ann in anns:
+            instances.append(_gt_instance(ann, image, len(instances) + 1, name, inside))
+    for image in images.values():
+        if image["mask_padding"] is None:
+            image["mask_padding"] = 0
+    by_source = {inst.source: inst for inst in instances}
+    relations = _read_relations(gt, by_source, name)
+    return images, sorted(categories), instances, relations
+
+
+def _canvas(image: dict):
+    pad = image["mask_padding"]
+    return image["height"] + 2 * pad, image["width"] + 2 * pad
+
+
+def _image_area(image: dict):
+    """RLE of the image inside its padded canvas (None without padding)."""
+    pad = image["mask_padding"]
+    if pad == 0:
+        return None
+    height, width = _canvas(image)
+    inside = np.zeros((height, width), np.uint8)
+    inside[pad:height - pad, pad:width - pad] = 1
+    return masks.encode(inside)
+
+
+def _gt_instance(ann: dict, image: dict, uid: int, name: str, inside) -> _Instance:
+    """Checked masks, occlusion rate and truncation of one GT annotation (``inside``: the
+    image area on the canvas, see :func:`_image_area`)."""
+    height, width = _canvas(image)
+    pad = image["mask_padding"]
+    where = f"{name}: annotation {ann['id']}"
+
+    def rle(key, optional=True):
+        if optional and ann.get(key) is None:
+            return None
+        return masks.to_rle(ann[key], height, width, f"{where}: {key}", polygon_offset=pad)
+
+    inst = _Instance(uid, ann["id"], image["id"], ann["category_id"], rle("segmentation", False),
+                     rle("visible_mask"), rle("invisible_mask"),
+                     iscrowd=int(ann.get("iscrowd", 0)))
+    if ann.get("occlude_rate") is not None:
+        inst.rate = float(ann["occlude_rate"])
+    elif inst.area > 0:
+        both = mask_utils.merge([inst.amodal, inst.visible], intersect=True)
+        inst.rate = (inst.area - float(mask_utils.area(both))) / inst.area
+    if inside is not None and inst.area > 0:
+        kept = mask_utils.merge([inst.amodal, inside], intersect=True)
+        inst.truncated = float(mask_utils.area(kept)) < inst.area
+    return inst
+
+
+def _read_relations(gt: dict, by_source: dict, name: str):
+    """Set of (occluder uid, occludee uid), or None when the file has no relations."""
+    if "occlusion_relations" not in gt:
+        return None
+    relations = set()
+    for index, rel in enumerate(_need_list(gt, "occlusion_relations", name)):
+        where = f"{name}: occlusion_relations[{index}]"
+        if not isinstance(rel, dict):
+            raise InputError(f"{where}: must be an object")
+        image_id = _need_int(rel, "image_id", where)
+        pair = []
+        for key in ("occluder_id", "occludee_id"):
+            ann_id = _need_int(rel, key, where)
+            inst = by_source.get(ann_id)
+            if inst is None or inst.image_id != image_id:
+                raise InputError(f"{where}: {key} {ann_id} is not an annotation of image "
+                                 f"{image_id}")
+            pair.append(inst.uid)
+        if pair[0] == pair[1]:
+            raise InputError(f"{where}: an annotation cannot occlude itself")
+        relations.add(tuple(pair))
+    return relations
+
+
+def _prediction_rle(segm, image: dict, where: str) -> dict:
+    """Canvas RLE of a predicted mask that is image-sized or canvas-sized."""
+    height, width = _canvas(image)
+    pad = image["mask_padding"]
+    size = masks.rle_size(segm, where)
+    if size is not None and pad > 0 and size == (image["height"], image["width"]):
+        rle = masks.to_rle(segm, size[0], size[1], where)
+        return masks.encode(masks.pad_mask(masks.decode(rle), pad))
+    if size is not None and size != (height, width):
+        raise InputError(f"{where}: RLE size {list(size)} disagrees with image {image['id']} "
+                         f"([{image['height']}, {image['width']}] or its padded canvas "
+                         f"[{height}, {width}])")
+    return masks.to_rle(segm, height, width, where, polygon_offset=pad)
+
+
+def _read_predictions(predictions, images: dict, categories, name: str):
+    """Detection instances of a COCO results list, checked against the ground truth."""
+    if not isinstance(predictions, list):
+        raise InputError(f"{name}: predictions must be a JSON list of results")
+    categories = set(categories)
+    detections = []
+    for index, pred in enumerate(predictions):
+        where = f"{name}: prediction #{index}"
+        if not isinstance(pred, dict):
+            raise InputError(f"{where}: must be an object")
+        image_id = _need_int(pred, "image_id", where)
+        where = f"{name}: prediction #{index} (image_id {image_id})"
+        if image_id not in images:
+            raise InputError(f"{where}: image_id {image_id} is not in the ground truth")
+        category_id = _need_int(pred, "category_id", where)
+        if category_id not in categories:
+            raise InputError(f"{where}: category_id {category_id} is not in the ground truth")
+        score = _need(pred, "score", where)
+        if (not isinstance(score, numbers.Real) or isinstance(score, bool)
+                or not math.isfinite(score)):
+            raise InputError(f"{where}: 'score' must be a finite number, got {score!r}")
+        _check_bbox(pred, where)
+        image = images[image_id]
+        amodal = _prediction_rle(_need(pred, "segmentation", where), image,
+                                 f"{where}: segmentation")
+        visible = invisible = None
+        if pred.get("visible_mask") is not None:
+            visible = _prediction_rle(pred["visible_mask"], image, f"{where}: visible_mask")
+        if pred.get("invisible_mask") is not None:
+            invisible = _prediction_rle(pred["invisible_mask"], image,
+                                        f"{where}: invisible_mask")
+        detections.append(_Instance(len(detections) + 1, index, image_id, category_id, amodal,
+                                    visible, invisible, score=float(score)))
+    return detections
+
+
+# ----------------------------------------------------------------------------------------
+# COCO evaluation on precomputed IoU matrices
+
+
+def _invisible(inst: _Instance) -> dict:
+    """Invisible mask: the given one, else amodal AND NOT visible (computed once)."""
+    if inst.invisible is None:
+        hidden = masks.decode(inst.amodal) & (1 - masks.decode(inst.visible))
+        inst.invisible = masks.encode(hidden)
+    return inst.invisible
+
+
+def _iou(dets: list, gts: list, crowd: list) -> np.ndarray:
+    if not dets or not gts:
+        return np.zeros((len(dets), len(gts)))
+    return np.asarray(mask_utils.iou(dets, gts, crowd), dtype=float)
+
+
+class _MatrixEval(COCOeval):
+    """``COCOeval`` ('segm', useCats) on given instances and full IoU matrices.
+
+    ``gts``/``dts`` map (image id, category id) to records ``{"id", "area", "iscrowd",
+    "ignore"}`` resp. ``{"id", "area", "score"}``; ``ious`` maps the same keys to a
+    len(dts) x len(gts) matrix in list order. Detections in ``ignored_dets`` (ids) never
+    match and are ignored at every IoU threshold; all else is COCOeval's own code.
+    """
+
+    def __init__(self, gts, dts, ious, image_ids, category_ids, iou_thresholds=None,
+                 all_area_ranges=True, ignored_dets=frozenset()):
+        super().__init__(iouType="segm")
+        self._given = (gts, dts, ious)
+        self._ignored_dets = ignored_dets
+        params = self.params
+        params.imgIds = list(image_ids)
+        params.catIds = list(category_ids)
+        if iou_thresholds is not None:
+            params.iouThrs = np.asarray(iou_thresholds, dtype=float)
+        if not all_area_ranges:
+            params.areaRng, params.areaRngLbl = params.areaRng[:1], params.areaRngLbl[:1]
+
+    def _prepare(self):
+        gts, dts, _ = self._given
+        self._gts = defaultdict(list, {key: [dict(g) for g in value]
+                                       for key, value in gts.items()})
+        self._dts = defaultdict(list, {key: [dict(d) for d in value]
+                                       for key, value in dts.items()})
+        self.evalImgs = defaultdict(list)
+        self.eval = {}
+
+    def computeIoU(self, imgId, catId):
+        gts, dts = self._gts[imgId, catId], self._dts[imgId, catId]
+        if not gts or not dts:
+            return []
+        ious = np.array(self._given[2][imgId, catId], dtype=float)
+        for row, det in enumerate(dts):
+            if det["id"] in self._ignored_dets:
+                ious[row] = -1.0
+        order = np.argsort([-d["score"] for d in dts], kind="mergesort")
+        return ious[order[:self.params.maxDets[-1]]]
+
+    def evaluateImg(self, imgId, catId, aRng, maxDet):
+        result = super().evaluateImg(imgId, catId, aRng, maxDet)
+        if result is not None and self._ignored_dets:
+            ignored = [det_id in self._ignored_dets for det_id in result["dtIds"]]
+            result["dtIgnore"][:, np.array(ignored, dtype=bool)] = True
+        return result
+
+    def run(self):
+        """evaluate() and accumulate(), without COCOeval's progress printing."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.evaluate()
+            self.accumulate()
+        return self
+
+
+def _ap(run: _MatrixEval, iou=None, area_index=0) -> float:
+    """COCOeval.summarize's AP (maxDets 100): mean precision over categories with GT."""
+    params = run.params
+    precision = run.eval["precision"]
+    if iou is not None:
+        precision = precision[np.isclose(params.iouThrs, iou)]
+    values = precision[:, :, :, area_index, -1]
+    values = values[values > -1]
+    return float(np.mean(values)) if values.size else -1.0
+
+
+def _ap_triplet(run: _MatrixEval, kind: str, area_index=0) -> dict:
+    return {f"AP_{kind}": _ap(run, None, area_index), f"AP50_{kind}": _ap(run, 0.5, area_index),
+            f"AP75_{kind}": _ap(run, 0.75, area_index)}
+
+
+class _Evaluator:
+    """Ground truths and detections grouped per (image, category), IoUs computed once."""
+
+    def __init__(self, images, categories, gts, dets):
+        self.images = images
+        self.categories = categories
+        self.gts = defaultdict(list)
+        self.dets = defaultdict(list)
+        for inst in gts:
+            self.gts[inst.image_id, inst.category_id].append(inst)
+        for inst in dets:
+            self.dets[inst.image_id, inst.category_id].append(inst)
+        self.ious = {"A": {}, "V": {}, "AV": {}}
+        for key in set(self.gts) | set(self.dets):
+            g, d = self.gts[key], self.dets[key]
+            crowd = [inst.iscrowd for inst in g]
+            amodal = _iou([x.amodal for x in d], [x.amodal for x in g], crowd)
+            visible = _iou([x.visible for x in d], [x.visible for x in g], crowd)
+            self.ious["A"][key], self.ious["V"][key] = amodal, visible
+            self.ious["AV"][key] = np.minimum(amodal, visible)    # both IoUs reach t
+
+    def invisible_ious(self, occluded) -> dict:
+        """IoUs of invisible masks; only pairs with an ``occluded`` GT need the masks (the
+        others' invisible masks are empty: IoU 0)."""
+        ious = {}
+        for key, g in self.gts.items():     # holds every key (defaultdict, see __init__)
+            d = self.dets[key]
+            if d and any(occluded(inst) for inst in g):
+                ious[key] = _iou([_invisible(x) for x in d], [_invisible(x) for x in g],
+                                 [inst.iscrowd for inst in g])
+            else:
+                ious[key] = np.zeros((len(d), len(g)))
+        return ious
+
+    def ignored_detections(self, member) -> frozenset:
+        """Ids of detections meant for an ignored GT: amodal IoU >= IGNORE_IOU with a
+        non-member (non-crowd, same category) and higher than with every member.
+
+        The paper ignores every detection with IoU >= 0.5 with an ignored GT; "higher than
+        with every member" keeps a detection that fits a member better (two objects of a
+        class stacked on each other), else perfect predictions would score below 1.
+        """
+        ignored = set()
+        for key, d in self.dets.items():
+            gts = self.gts.get(key, ())
+            outside = [col for col, g in enumerate(gts) if not g.iscrowd and not member(g)]
+            inside = [col for col, g in enumerate(gts) if not g.iscrowd and member(g)]
+            if d and outside:
+                ious = self.ious["A"][key]
+                best_out = ious[:, outside].max(axis=1)
+                best_in = ious[:, inside].max(axis=1) if inside else np.zeros(len(d))
+                hit = (best_out >= IGNORE_IOU) & (best_out > best_in)
+                ignored.update(det.uid for det, flag in zip(d, hit) if flag)
+        return frozenset(ignored)
+
+    def run(self, ious, member=None, iou_thresholds=None, all_area_ranges=False):
+        """COCOeval on ``ious``; with ``member``, GTs it rejects and their detections are
+        ignored (the paper's rule for the occluded evaluation)."""
+        gts = {key: [{"id": g.uid, "area": g.area, "iscrowd": g.iscrowd,
+                      "ignore": int(g.iscrowd or (member is not None and not member(g)))}
+                     for g in value] for key, value in self.gts.items()}
+        dts = {key: [{"id": d.uid, "area": d.area, "score": d.score} for d in value]
+               for key, value in self.dets.items()}
+        ignored = frozenset() if member is None else self.ignored_detections(member)
+        return _MatrixEval(gts, dts, ious, sorted(self.images), self.categories,
+                           iou_thresholds, all_area_ranges, ignored).run()
+
+    def subset(self, member) -> dict:
+        """AP_AV, AP_A, AP_V (+50/75) with only the GTs ``member`` accepts."""
+        result = {}
+        for kind in MASK_KINDS:
+            result.update(_ap_triplet(self.run(self.ious[kind], member), kind))
+        result["num_gt"] = sum(1 for value in self.gts.values() for g in value
+                               if not g.iscrowd and member(g))
+        return result
+
+
+# ----------------------------------------------------------------------------------------
+# Occlusion order
+
+
+def _overlap(a: dict, b: dict) -> float:
+    return float(mask_utils.area(mask_utils.merge([a, b], intersect=True)))
+
+
+def _on_top(upper: _Instance, lower: _Instance) -> float:
+    """Evidence that ``upper`` lies on ``lower``: its visible mask over ``lower``'s hidden part,
+    minus the converse."""
+    return (_overlap(upper.visible, _invisible(lower))
+            - _overlap(lower.visible, _invisible(upper)))
+
+
+def _relations_from_masks(gts: list) -> set:
+    """GT relations when the file has none: for amodally overlapping pairs, the one whose
+    visible mask covers more of the other's invisible part lies on top (ties: no relation)."""
+    relations = set()
+    by_image = defaultdict(list)
+    for g in gts:
+        if not g.iscrowd:
+            by_image[g.image_id].append(g)
+    for group in by_image.values():
+        overlaps = _iou([g.amodal for g in group], [g.amodal for g in group], [0] * len(group))
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                if overlaps[i, j] > 0:
+                    evidence = _on_top(group[i], group[j])
+                    if evidence > 0:
+                        relations.add((group[i].uid, group[j].uid))
+                    elif evidence < 0:
+                        relations.add((group[j].uid, group[i].uid))
+    return relations
+
+
+def _order_accuracy(run_a: _MatrixEval, gts: list, dets: list, relations) -> dict:
+    """Accuracy of the predicted "who is on top" for GT relations whose both GTs are matched
+    (amodal IoU >= ORDER_IOU, COCOeval's matching) and that the GT masks show (the upper
+    one's visible mask covers more of the lower one's invisible part than conversely)."""
+    source = "annotations" if relations is not None else "masks"
+    if relations is None:
+        relations = _relations_from_masks(gts)
+    mutual = {pair for pair in relations if pair[::-1] in relations}
+    tind = int(np.argmin(np.abs(run_a.params.iouThrs - ORDER_IOU)))
+    match = {}
+    for entry in run_a.evalImgs:
+        if entry is None or entry["aRng"] != run_a.params.areaRng[0]:
+            continue
+        for det_id, gt_id in zip(entry["dtIds"], entry["dtMatches"][tind]):
+            if gt_id > 0:
+                match[int(gt_id)] = det_id
+    gt_by_uid = {g.uid: g for g in gts}
+    det_by_uid = {d.uid: d for d in dets}
+    correct = undecided = pairs = skipped = 0
+    for upper, lower in sorted(relations - mutual):
+        if upper not in match or lower not in match:
+            continue
+        if gt_by_uid[upper].iscrowd or gt_by_uid[lower].iscrowd:
+            continue
+        if _on_top(gt_by_uid[upper], gt_by_uid[lower]) <= 0:
+            skipped += 1        # e.g. the overlap is hidden under a third object
+            continue
+        pairs += 1
+        evidence = _on_top(det_by_uid[match[upper]], det_by_uid[match[lower]])
+        correct += evidence > 0
+        undecided += evidence == 0
+    return {"accuracy": correct / pairs if pairs else -1.0, "correct": correct,
+            "pairs": pairs, "undecided": undecided, "skipped": skipped, "relations": source}
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+
+
+def evaluate_loaded(gt: dict, predictions: list, gt_name: str = "ground truth",
+                    predictions_name: str = "predictions") -> dict:
+    """Amodal metrics of ``predictions`` (a COCO results list) against ``gt`` (a parsed
+    D2S-amodal-style COCO dict). The names appear in :class:`InputError` messages."""
+    images, categories, gts, relations = _read_gt(gt, gt_name)
+    dets = _read_predictions(predictions, images, categories, predictions_name)
+    ev = _Evaluator(images, categories, gts, dets)
+
+    metrics = {}
+    runs = {kind: ev.run(ev.ious[kind], all_area_ranges=True) for kind in MASK_KINDS}
+    for kind in MASK_KINDS:
+        metrics.update(_ap_triplet(runs[kind], kind))
+
+    def occluded(g):
+        return g.rate > 0
+
+    metrics["occluded"] = ev.subset(occluded)
+    iv = ev.run(ev.invisible_ious(occluded), occluded, iou_thresholds=[0.5])
+    metrics["occluded"]["AP_IV50"] = _ap(iv)
+    metrics["order"] = _order_accuracy(runs["A"], gts, dets, relations)
+
+    levels = {"none": lambda g: g.rate == 0,
+              "partial": lambda g: 0 < g.rate < HEAVY_OCCLUSION,
+              "heavy": lambda g: g.rate >= HEAVY_OCCLUSION}
+    breakdown = {"occlusion": {level: ev.subset(test) for level, test in levels.items()},
+                 "truncation": {"truncated": ev.subset(lambda g: g.truncated),
+                                "not_truncated": ev.subset(lambda g: not g.truncated)},
+                 "area": {}}
+    params = runs["A"].params
+    for index, label in enumerate(params.areaRngLbl[1:], start=1):
+        low, high = params.areaRng[index]
+        group = {}
+        for kind in MASK_KINDS:
+            group.update(_ap_triplet(runs[kind], kind, index))
+        group["num_gt"] = sum(1 for g in gts if not g.iscrowd and low <= g.area <= high)
+        breakdown["area"][label] = group
+    metrics["breakdown"] = breakdown
+    metrics["num_images"] = len(images)
+    metrics["num_gt"] = sum(1 for g in gts if not g.iscrowd)
+    metrics["num_crowd"] = sum(1 for g in gts if g.iscrowd)
+    metrics["num_predictions"] = len(dets)
+    metrics["num_predictions_without_visible"] = sum(1 for d in dets if not d.has_visible)
+    return metrics
+
+
+def evaluate(gt_path, predictions_path) -> dict:
+    """Amodal metrics of a predictions file against a ground-truth file (see
+    :func:`evaluate_loaded`); bad input raises :class:`InputError` naming file and entry."""
+    gt = load_json(gt_path, "ground-truth")
+    predictions = load_json(predictions_path, "predictions")
+    return evaluate_loaded(gt, predictions, str(gt_path), str(predictions_path))
+
+
+def _cell(value) -> str:
+    return "-" if value is None or value < 0 else f"{value:.3f}"
+
+
+def format_table(metrics: dict) -> str:
+    """Markdown table of :func:`evaluate`'s metrics (fractions, '-' where undefined)."""
+    columns = ["AP_AV", "AP_A", "AP_V", "AP50_AV", "AP50_A", "AP50_V", "AP75_AV", "AP75_A",
+               "AP75_V", "AP_IV50"]
+    rows = [("all", metrics, metrics["num_gt"]), ("occluded", metrics["occluded"], None)]
+    breakdown = metrics["breakdown"]
+    for group, label in (("occlusion", "occlusion"), ("truncation", ""), ("area", "area")):
+        for name, values in breakdown[group].items():
+            title = f"{label}: {name}" if label else name.replace("_", " ")
+            rows.append((title, values, None))
+    lines = ["| evaluation | " + " | ".join(columns) + " | GT |",
+             "|---" * (len(columns) + 2) + "|"]
+    for title, values, num_gt in rows:
+        cells = [_cell(values.get(column)) for column in columns]
+        count = values.get("num_gt", num_gt)
+        lines.append(f"| {title} | " + " | ".join(cells) + f" | {count} |")
+    order = metrics["order"]
+    lines.append("")
+    lines.append(f"occlusion order: accuracy {_cell(order['accuracy'])} "
+                 f"({order['correct']} of {order['pairs']} matched pairs, "
+                 f"{order['undecided']} undecided, {order['skipped']} not shown by the GT "
+                 f"masks; relations from {order['relations']})")
+    lines.append(f"{metrics['num_images']} images, {metrics['num_gt']} ground truths, "
+                 f"{metrics['num_predictions']} predictions "
+                 f"({metrics['num_predictions_without_visible']} without visible mask: "
+                 f"amodal used); AP as fractions, maxDets 100")
+    return "\n".join(lines)
+
+
+def run_evaluate(gt_path, predictions_path, out_path=None) -> int:
+    """``orcnn-core evaluate``: print the table, write the metrics JSON atomically."""
+    metrics = evaluate(gt_path, predictions_path)
+    if out_path is not None:
+        try:
+            atomic_write_json(out_path, metrics, indent=2)
+        except OSError as exc:
+            raise InputError(f"{out_path}: cannot write metrics ({exc.strerror})") from None
+    print(format_table(metrics))
+    return 0
