@@ -1,0 +1,463 @@
+"""The training loop: data, optimiser, checkpoints, evaluation, TensorBoard, DDP.
+
+One process trains on one device; ``torchrun --nproc-per-node N -m orcnn_core.cli train``
+runs N of them with torch.distributed DDP (gloo on the CPU, nccl on CUDA). The data order
+and the flips are a pure function of (seed, iteration), and checkpoints carry the torch RNG
+states, so ``--resume`` continues exactly where a run stopped.
+
+Files in the output folder:
+    checkpoint_last.pt      model, optimiser, scheduler, iteration, RNG states (atomic)
+    model_final.safetensors the trained model (orcnn_core.weights format)
+    config.yaml             the configuration the run used
+    val_annotations.json    validation ground truth (synthetic validation data)
+    metrics.json            the last evaluation
+    log.jsonl               losses and lr every log_period iterations, evaluations
+    tensorboard/            scalars per loss, lr, metrics; sample overlays
+"""
+
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from orcnn_core.data import AmodalSample, load_dataset, write_amodal_coco
+from orcnn_core.errors import InputError
+from orcnn_core.fileio import atomic_write_bytes, atomic_write_json
+from orcnn_core.losses import total_loss
+from orcnn_core.model import build_model
+from orcnn_core.predictor import Predictor, resolve_device
+from orcnn_core.synth import SynthConfig, render_scene
+from orcnn_core.train_config import SynthDataConfig, TrainConfig
+from orcnn_core.weights import init_from_maskrcnn_state_dict, load_weights, save_weights
+
+CHECKPOINT = "checkpoint_last.pt"
+FINAL_WEIGHTS = "model_final.safetensors"
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a NaN loss); the message names the iteration and checkpoint."""
+
+
+# ------------------------------------------------------------------------------------ data
+class SynthScenes:
+    """A sequence of synthetic scenes; scene ``i`` is rendered from ``(seed, i)`` on access."""
+
+    def __init__(self, spec: SynthDataConfig):
+        self.spec = spec
+        self.cfg = SynthConfig(width=spec.width, height=spec.height,
+                               num_classes=spec.num_classes)
+        self.cfg.validate()
+        self.categories = self.cfg.categories
+
+    def __len__(self) -> int:
+        return self.spec.num_images
+
+    def __getitem__(self, i: int) -> AmodalSample:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return render_scene(np.random.default_rng([self.spec.seed, i]), self.cfg,
+                            image_id=i + 1, file_name=f"images/{i + 1:06d}.png")
+
+
+def open_scenes(source: str, images: str, spec: SynthDataConfig, where: str):
+    """The scenes a ``data.train`` / ``data.val`` setting names (checked before training)."""
+    if source == "synth":
+        return SynthScenes(spec)
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{where}: {source}: no such annotation file")
+    images_dir = images or str(path.parent)
+    if not Path(images_dir).is_dir():
+        raise InputError(f"{where}: image folder {images_dir} does not exist")
+    return load_dataset(path, images_dir=images_dir)
+
+
+def sample_to_tensors(sample: AmodalSample, flip: bool):
+    """(image float [3, H, W] in [0, 1], target dict) as the model takes them."""
+    image = sample.load_image()
+    amodal, visible, boxes = sample.amodal_masks, sample.visible_masks, sample.boxes.copy()
+    if flip:
+        # The canvas is padded equally on both sides, so flipping it flips the image part.
+        image = image[:, ::-1]
+        amodal, visible = amodal[:, :, ::-1], visible[:, :, ::-1]
+        boxes[:, [0, 2]] = sample.width - boxes[:, [2, 0]]
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    target = {
+        "boxes": torch.from_numpy(boxes).float(),
+        "labels": torch.from_numpy(sample.labels).long(),
+        "amodal_masks": torch.from_numpy(np.ascontiguousarray(amodal)),
+        "visible_masks": torch.from_numpy(np.ascontiguousarray(visible)),
+        "mask_padding": int(sample.mask_padding),
+    }
+    return x, target
+
+
+class IterationSampler(torch.utils.data.Sampler):
+    """Yields ``(index, flip)`` for iterations ``start..iterations-1`` of one rank.
+
+    Global position g = (iteration * world + rank) * batch + j walks through per-epoch
+    permutations drawn from (seed, epoch): the order depends on nothing but these numbers.
+    """
+
+    def __init__(self, size, batch, world, rank, seed, start, iterations, flip):
+        self.size, self.batch, self.world, self.rank = size, batch, world, rank
+        self.seed, self.start, self.iterations, self.flip = seed, start, iterations, flip
+
+    def __len__(self) -> int:
+        return (self.iterations - self.start) * self.batch
+
+    def __iter__(self):
+        perms = {}
+        for it in range(self.start, self.iterations):
+            for j in range(self.batch):
+                g = (it * self.world + self.rank) * self.batch + j
+                epoch, pos = divmod(g, self.size)
+                if epoch not in perms:
+                    perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
+                        self.size)}
+                flip = self.flip and bool(np.random.default_rng([self.seed, 1, g]).random()
+                                          < 0.5)
+                yield int(perms[epoch][pos]), flip
+
+
+class _TrainingSet(torch.utils.data.Dataset):
+    def __init__(self, scenes):
+        self.scenes = scenes
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, item):
+        index, flip = item
+        return sample_to_tensors(self.scenes[index], flip)
+
+
+def _collate(batch):
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+# ------------------------------------------------------------------------------ schedule
+def lr_factor(iteration: int, solver) -> float:
+    """Linear warm-up, then steps: the Detectron schedule the paper trains with."""
+    factor = solver.gamma ** sum(iteration >= s for s in solver.steps)
+    if iteration < solver.warmup_iters:
+        alpha = iteration / solver.warmup_iters
+        factor *= solver.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_optimizer(model, solver):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if solver.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=solver.lr, weight_decay=solver.weight_decay)
+    return torch.optim.SGD(params, lr=solver.lr, momentum=solver.momentum,
+                           weight_decay=solver.weight_decay)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model, optimizer, scheduler, iteration: int) -> None:
+    """Everything needed to continue exactly, written atomically (temporary file, rename)."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "iteration": iteration,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint` (tensors and plain values only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no checkpoint to resume from") from None
+    except Exception as exc:  # torch raises several types for damaged archives
+        raise InputError(f"{path}: unreadable checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluate_model(model, scenes, gt: dict, device, max_images=None) -> dict:
+    """Run the model on ``scenes`` and score it against ``gt`` (orcnn_core.evaluation)."""
+    from orcnn_core.evaluation import evaluate_loaded
+    from orcnn_core.results import prediction_to_coco
+
+    was_training = model.training
+    predictor = Predictor(model, device=device)
+    results = []
+    count = len(scenes) if max_images is None else min(len(scenes), max_images)
+    image_ids = {im["file_name"]: im["id"] for im in gt["images"]}
+    category_ids = [c["id"] for c in scenes.categories]
+    for i in range(count):
+        sample = scenes[i]
+        prediction = predictor(sample.load_image())
+        image_id = image_ids.get(sample.file_name, sample.image_id)
+        results += prediction_to_coco(prediction, image_id, sample.mask_padding, category_ids)
+    model.train(was_training)
+    return evaluate_loaded(gt, results, gt_name="validation ground truth",
+                           predictions_name="validation predictions")
+
+
+def _overlay(model, sample, device) -> np.ndarray:
+    """RGB overlay of one validation image for TensorBoard."""
+    from orcnn_core.visualize import draw_prediction
+
+    was_training = model.training
+    image = sample.load_image()
+    prediction = Predictor(model, device=device)(image)
+    model.train(was_training)
+    return draw_prediction(image, prediction)
+
+
+# ---------------------------------------------------------------------------- main loop
+def _distributed():
+    """(rank, world size, local rank) from torchrun's environment, after joining the group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return rank, world, local_rank
+
+
+def check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"output_dir {path}: not writable ({exc.strerror})") from None
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train as ``cfg`` says; returns ``{"iteration", "weights", "metrics", "stopped"}``.
+
+    Every check of the configuration and the data happens before the first iteration.
+    SIGINT / SIGTERM finish the current iteration, save a checkpoint and return with
+    ``stopped`` set to the signal's name.
+    """
+    rank, world, local_rank = _distributed()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    out = Path(cfg.output_dir)
+    check_output_dir(out)
+    checkpoint_path = out / CHECKPOINT
+    if rank == 0:
+        # Left behind by a run killed while writing; the real files are intact.
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    train_scenes = open_scenes(cfg.data.train, cfg.data.train_images, cfg.data.synth_train,
+                               "data.train")
+    val_scenes = open_scenes(cfg.data.val, cfg.data.val_images, cfg.data.synth_val,
+                             "data.val")
+    if len(train_scenes) == 0:
+        raise InputError(f"data.train {cfg.data.train}: no images")
+    names = [c["name"] for c in train_scenes.categories]
+    if cfg.classes_from_data:
+        cfg.model = cfg.model.replace(num_classes=len(names) + 1, class_names=names)
+    elif list(cfg.model.class_names) != names:
+        raise InputError(f"model.class_names {cfg.model.class_names} differ from the training "
+                         f"data's categories {names} (or set classes_from_data: true)")
+    if resume and not checkpoint_path.is_file():
+        raise InputError(f"{checkpoint_path}: no checkpoint to resume from (train without "
+                         f"--resume to start)")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    if cfg.init_weights and not resume:
+        if cfg.init_weights.endswith(".safetensors"):
+            init_cfg, state = load_weights(cfg.init_weights)
+            model.load_state_dict(state, strict=False)
+        else:
+            init_from_maskrcnn_state_dict(model, cfg.init_weights, verbose=rank == 0)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg.solver)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, cfg.solver))
+    start = 0
+    if resume:
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["iteration"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if rank == 0:
+            print(f"resuming from {checkpoint_path} at iteration {start}")
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    total = cfg.solver.iterations
+    loader = torch.utils.data.DataLoader(
+        _TrainingSet(train_scenes), batch_size=cfg.solver.images_per_batch,
+        sampler=IterationSampler(len(train_scenes), cfg.solver.images_per_batch, world, rank,
+                                 cfg.seed, start, total, cfg.data.horizontal_flip),
+        collate_fn=_collate, num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+        # Its own generator: starting the loader must not draw from the global torch RNG,
+        # or a resumed run would sample different RoIs than an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.seed))
+    use_amp = cfg.solver.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    writer = None
+    gt = None
+    if rank == 0:
+        atomic_write_bytes(out / "config.yaml",
+                           yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        if isinstance(val_scenes, SynthScenes):
+            gt = write_amodal_coco(iter(val_scenes), out / "val_annotations.json",
+                                   categories=val_scenes.categories)
+        else:
+            gt = json.loads(Path(cfg.data.val).read_text(encoding="utf-8"))
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start)
+
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics = {}
+    iteration = start
+    bar = None
+    if rank == 0 and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    try:
+        last_saved = start if resume else None
+        t_start = time.perf_counter()
+        for images, targets in loader:
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                        for k, v in t.items()} for t in targets]
+            with torch.autocast(device.type, enabled=use_amp):
+                losses = ddp_model(images, targets)
+            loss = total_loss(losses)
+            if not torch.isfinite(loss):
+                where = (f"the last good checkpoint is {checkpoint_path} (iteration "
+                         f"{last_saved})" if last_saved is not None
+                         else "no checkpoint was written yet")
+                bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+                raise TrainingStopped(f"loss is {float(loss)} at iteration {iteration + 1} "
+                                      f"({bad}); {where}; lower solver.lr or enable "
+                                      f"solver.grad_clip_norm")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.solver.grad_clip_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            iteration += 1
+
+            if rank == 0:
+                lr = scheduler.get_last_lr()[0]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2g}")
+                if iteration % cfg.log_period == 0 or iteration == total:
+                    values = {k: v.item() for k, v in losses.items()}
+                    values["total"] = loss.item()
+                    seconds = (time.perf_counter() - t_start) / max(iteration - start, 1)
+                    for k, v in values.items():
+                        writer.add_scalar(f"loss/{k}", v, iteration)
+                    writer.add_scalar("lr", lr, iteration)
+                    writer.add_scalar("time/iteration_s", seconds, iteration)
+                    _append_log(out, {"iteration": iteration, "lr": lr, "losses": values,
+                                      "seconds_per_iteration": seconds})
+            done = iteration == total
+            if rank == 0 and (iteration % cfg.checkpoint_period == 0 or done or stop["signal"]):
+                save_checkpoint(checkpoint_path, model, optimizer, scheduler, iteration)
+                last_saved = iteration
+            if rank == 0 and cfg.eval_period and iteration % cfg.eval_period == 0 and not done:
+                metrics = _evaluate_and_log(model, val_scenes, gt, device, writer, iteration, out)
+            if world > 1:
+                # Every rank learns about a signal any rank received.
+                flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
+                dist.all_reduce(flag)
+                if flag.item() and not stop["signal"]:
+                    stop["signal"] = "SIGTERM"
+            if stop["signal"]:
+                if rank == 0:
+                    print(f"\n{stop['signal']}: stopped at iteration {iteration}; checkpoint "
+                          f"{checkpoint_path}; continue with --resume")
+                return {"iteration": iteration, "weights": None, "metrics": metrics,
+                        "stopped": stop["signal"]}
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if bar is not None:
+            bar.close()
+
+    weights = None
+    if world > 1:
+        # DDP keeps the replicas' weights equal; each rank prints a digest to show it.
+        print(f"rank {rank}: weights sha256 {state_digest(model)}", flush=True)
+    if rank == 0:
+        weights = save_weights(model, cfg.model, out / FINAL_WEIGHTS)
+        metrics = _evaluate_and_log(model, val_scenes, gt, device, writer, iteration, out)
+        atomic_write_json(out / "metrics.json", metrics, indent=2)
+        writer.close()
+    if world > 1:
+        dist.barrier()
+    return {"iteration": iteration, "weights": weights, "metrics": metrics, "stopped": None}
+
+
+def state_digest(model) -> str:
+    """sha256 over the model's parameters (for comparing DDP replicas).
+
+    Buffers are left out: batch-norm running statistics follow each rank's own batches
+    (DDP broadcasts rank 0's before every forward pass, and rank 0's are the ones saved).
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(model.named_parameters()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _append_log(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _evaluate_and_log(model, val_scenes, gt, device, writer, iteration, out) -> dict:
+    metrics = evaluate_model(model, val_scenes, gt, device)
+    _append_log(out, {"iteration": iteration, "metrics": metrics})
+    for key in ("AP_AV", "AP_A", "AP_V"):
+        writer.add_scalar(f"eval/{key}", metrics[key], iteration)
+    writer.add_scalar("eval/occluded_AP_IV50", metrics["occluded"]["AP_IV50"], iteration)
+    writer.add_scalar("eval/order_accuracy", metrics["order"]["accuracy"], iteration)
+    try:
+        overlay = _overlay(model, val_scenes[0], device)
+        writer.add_image("val/overlay", overlay, iteration, dataformats="HWC")
+    except ImportError:
+        pass
+    model.train()
+    return metrics

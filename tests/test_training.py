@@ -1,0 +1,210 @@
+"""Training loop: checkpoints, exact resume, kills, signals, DDP, NaN, bad configs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from orcnn_core.train_config import load_train_config
+from orcnn_core.training import CHECKPOINT, FINAL_WEIGHTS, load_checkpoint, lr_factor, train
+from orcnn_core.weights import build_from_file
+
+TINY = {
+    "model": {
+        "backbone": "resnet18_fpn", "backbone_norm": "bn", "trainable_backbone_layers": 5,
+        "min_size": 96, "max_size": 128, "fpn_channels": 16, "box_head_dim": 32,
+        "mask_head_channels": 16, "anchor_sizes": [16, 32, 64, 128, 256],
+        "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
+        "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
+        "box_batch_size_per_image": 32, "box_detections_per_img": 10,
+    },
+    "data": {
+        "synth_train": {"num_images": 12, "seed": 0, "width": 128, "height": 96,
+                        "num_classes": 2},
+        "synth_val": {"num_images": 2, "seed": 1000, "width": 128, "height": 96,
+                      "num_classes": 2},
+    },
+    "solver": {"iterations": 3, "images_per_batch": 2, "lr": 0.005, "steps": [2],
+               "warmup_iters": 1},
+    "checkpoint_period": 1, "eval_period": 0, "log_period": 1, "device": "cpu",
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    return path
+
+
+def run_cli(*args, timeout=300, **kwargs):
+    return subprocess.run(["orcnn-core", *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def logged_losses(out_dir) -> dict:
+    """iteration -> total loss, from the run's log.jsonl."""
+    losses = {}
+    for line in (out_dir / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "losses" in record:
+            losses[record["iteration"]] = record["losses"]["total"]
+    return losses
+
+
+def test_three_iterations_write_a_checkpoint_and_weights(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_train_config(str(tiny_config), [f"output_dir={out}", "checkpoint_period=3"])
+    result = train(cfg, progress=False)
+    assert result["iteration"] == 3 and result["stopped"] is None
+    state = load_checkpoint(out / CHECKPOINT)
+    assert state["iteration"] == 3
+    assert set(state) >= {"model", "optimizer", "scheduler", "torch_rng"}
+    model = build_from_file(out / FINAL_WEIGHTS)
+    # The final weights are the checkpoint's model.
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state["model"][key]), key
+    assert model.config.class_names == ["cereal_box", "soup_can"]  # from the data
+    assert sorted(logged_losses(out)) == [1, 2, 3]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"AP_A", "AP_V", "AP_AV", "occluded", "order"} <= set(metrics)
+
+
+def test_resume_gives_the_same_next_loss_as_an_uninterrupted_run(tiny_config, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(load_train_config(str(tiny_config), [f"output_dir={whole}"]), progress=False)
+    train(load_train_config(str(tiny_config), [f"output_dir={split}",
+                                               "solver.iterations=2"]), progress=False)
+    result = train(load_train_config(str(tiny_config), [f"output_dir={split}"]),
+                   resume=True, progress=False)
+    assert result["iteration"] == 3
+    assert logged_losses(split)[3] == logged_losses(whole)[3]
+    a = build_from_file(whole / FINAL_WEIGHTS).state_dict()
+    b = build_from_file(split / FINAL_WEIGHTS).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learning_rate_schedule_warms_up_then_steps():
+    cfg = load_train_config("synth_demo").solver
+    assert lr_factor(0, cfg) == pytest.approx(cfg.warmup_factor)
+    assert lr_factor(cfg.warmup_iters, cfg) == 1.0
+    assert lr_factor(cfg.steps[0], cfg) == pytest.approx(cfg.gamma)
+    assert lr_factor(cfg.steps[1], cfg) == pytest.approx(cfg.gamma ** 2)
+
+
+def _wait_for_checkpoint(proc, path, min_iteration, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return None
+        if path.is_file():
+            try:
+                if load_checkpoint(path)["iteration"] >= min_iteration:
+                    return True
+            except Exception:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at iteration {min_iteration} within {timeout} s")
+
+
+def test_sigkill_mid_run_resumes_and_never_truncates_the_checkpoint(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(tiny_config), "--output-dir", str(out), "--no-progress",
+            "--set", "solver.iterations=8"]
+    kills = 0
+    for attempt in range(6):
+        proc = subprocess.Popen(["orcnn-core", *args] + (["--resume"] if attempt else []),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if kills < 2 and _wait_for_checkpoint(proc, out / CHECKPOINT, 2 * kills + 2):
+            proc.kill()
+            proc.wait()
+            kills += 1
+            # Whatever moment the kill hit, the checkpoint on disk is whole.
+            assert load_checkpoint(out / CHECKPOINT)["iteration"] >= 2 * kills
+            continue
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output
+        break
+    assert kills == 2
+    assert load_checkpoint(out / CHECKPOINT)["iteration"] == 8
+    assert (out / FINAL_WEIGHTS).is_file()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        ["orcnn-core", "train", "--config", str(tiny_config), "--output-dir", str(out),
+         "--no-progress", "--set", "solver.iterations=1000", "--set", "checkpoint_period=500"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "log.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "continue with --resume" in output
+    iteration = load_checkpoint(out / CHECKPOINT)["iteration"]
+    assert 1 <= iteration < 1000  # saved where it stopped, not at a checkpoint period
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_process_ddp_on_gloo_keeps_the_replicas_equal(tiny_config, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "orcnn_core.cli", "train",
+         "--config", str(tiny_config), "--output-dir", str(out), "--no-progress",
+         "--set", "solver.iterations=2", "--set", "solver.images_per_batch=1"],
+        capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    digests = {}
+    for line in result.stdout.splitlines():
+        if "weights sha256" in line:
+            rank, digest = line.split(": weights sha256 ")
+            digests[rank.strip()] = digest.strip()
+    assert set(digests) == {"rank 0", "rank 1"}, result.stdout
+    assert digests["rank 0"] == digests["rank 1"]
+    assert load_checkpoint(out / CHECKPOINT)["iteration"] == 2
+
+
+def test_nan_loss_stops_with_iteration_and_last_checkpoint(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "--config", str(tiny_config), "--output-dir", str(out),
+                     "--no-progress", "--set", "solver.lr=1e30", "--set", "solver.steps=[]",
+                     "--set", "solver.optimizer=sgd", "--set", "solver.iterations=6")
+    assert result.returncode == 1, result.stdout + result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "at iteration" in message and str(out / CHECKPOINT) in message, message
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["solver.lr_rate=0.1"], "unknown key(s) lr_rate"),
+    (["solver.iterations=ten"], "solver.iterations: expected an integer"),
+    (["model.variant=orcnn_plus"], "variant must be one of"),
+    (["data.train=/nonexistent/annotations.json"], "no such annotation file"),
+    (["output_dir=/proc/orcnn"], "not writable"),
+    (["solver.steps=[5,2]"], "must be increasing"),
+])
+def test_bad_config_fails_before_any_work(tiny_config, tmp_path, overrides, expected):
+    args = ["train", "--config", str(tiny_config), "--set", f"output_dir={tmp_path / 'run'}"]
+    for item in overrides:
+        args += ["--set", item]
+    result = run_cli(*args, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_missing_config_file_names_the_shipped_ones(tmp_path):
+    result = run_cli("train", "--config", str(tmp_path / "nope.yaml"), timeout=120)
+    assert result.returncode == 2
+    assert "synth_demo" in result.stderr
