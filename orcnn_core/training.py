@@ -259,16 +259,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     out = Path(cfg.output_dir)
-    check_output_dir(out)
     checkpoint_path = out / CHECKPOINT
-    if rank == 0:
-        # Left behind by a run killed while writing; the real files are intact.
-        for stale in out.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
     train_scenes = open_scenes(cfg.data.train, cfg.data.train_images, cfg.data.synth_train,
                                "data.train")
     val_scenes = open_scenes(cfg.data.val, cfg.data.val_images, cfg.data.synth_val,
                              "data.val")
+    if cfg.init_weights and not resume and not Path(cfg.init_weights).is_file():
+        raise InputError(f"init_weights {cfg.init_weights}: no such file")
+    check_output_dir(out)
+    if rank == 0:
+        # Left behind by a run killed while writing; the real files are intact.
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     if len(train_scenes) == 0:
         raise InputError(f"data.train {cfg.data.train}: no images")
     names = [c["name"] for c in train_scenes.categories]
