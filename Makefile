@@ -22,9 +22,10 @@ test: setup
 lint: setup
 	@$(ENV) && flake8
 
+# -P keeps the source folder orcnn_ros/ (without the generated messages) off sys.path.
+# DEMO_ARGS passes options, e.g. make demo DEMO_ARGS="--frames 60 --rate 10".
 demo: setup
-	@echo "The demo (bundled model, synthetic camera, perception node) is not built yet;" \
-	      "see README.md." >&2; exit 2
+	@$(ENV) && python -P -m orcnn_ros.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build install log

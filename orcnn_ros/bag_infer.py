@@ -1,0 +1,199 @@
+"""Run the model over the images of a rosbag2 and write the results to a new rosbag2.
+
+    python -m orcnn_ros.bag_infer --bag IN --topic /camera/image_raw --out OUT
+
+No ROS tools and no running ROS graph: ``rosbags`` reads and writes the bags (sqlite3 or
+mcap), the Predictor runs in this process. Input messages are sensor_msgs/Image or
+CompressedImage; the output bag holds, at each input message's time stamp, one
+``orcnn_ros/msg/AmodalInstanceArray`` (the perception node's message, built by the same
+code) and, unless ``--no-overlay``, the overlay as sensor_msgs/Image. The output types are
+registered in the bag from this package's ``.msg`` files, so any rosbag2 reader can decode
+them.
+"""
+
+import importlib.util
+import os
+import sys
+
+if __name__ == "__main__" and not sys.flags.safe_path \
+        and importlib.util.find_spec("orcnn_ros.msg") is None:  # pragma: no cover
+    # Started from the repository root, where the source folder shadows the built package.
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "orcnn_ros.bag_infer",
+                              *sys.argv[1:]])
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+__all__ = ["msg_dir", "make_typestore", "infer_bag", "main"]
+
+OUTPUT_TYPE = "orcnn_ros/msg/AmodalInstanceArray"
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+
+
+def msg_dir() -> Path:
+    """Folder with this package's .msg files: the installed share folder, else the source
+    tree's msg/."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        path = Path(get_package_share_directory("orcnn_ros")) / "msg"
+        if path.is_dir():
+            return path
+    except Exception:  # not installed through ament
+        pass
+    return Path(__file__).resolve().parents[1] / "msg"
+
+
+def make_typestore():
+    """A rosbags typestore (ROS 2 Kilted, or the newest the installed rosbags knows) with
+    the orcnn_ros messages registered from their .msg files."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    store = get_typestore(getattr(Stores, "ROS2_KILTED", Stores.LATEST))
+    types = {}
+    for path in sorted(msg_dir().glob("*.msg")):
+        types.update(get_types_from_msg(path.read_text(encoding="utf-8"),
+                                        f"orcnn_ros/msg/{path.stem}"))
+    if OUTPUT_TYPE not in types:
+        raise FileNotFoundError(f"no AmodalInstanceArray.msg in {msg_dir()}")
+    store.register(types)
+    return store
+
+
+def infer_bag(bag, topic, out, predictor, *, score_threshold=0.5, max_instances=50,
+              min_overlap_pixels=20, min_overlap_ratio=0.01, color_order="auto",
+              output_topic="/amodal_instances",
+              overlay_topic="/orcnn_perception/debug_image", model_name="", limit=0,
+              log=print) -> dict:
+    """Process ``topic`` of ``bag`` into a new bag ``out``; returns a summary dict.
+
+    Raises ValueError for a missing topic or one that holds no images.
+    """
+    from rclpy.serialization import serialize_message
+    from rosbags.rosbag2 import Reader, Writer
+
+    from orcnn_core.occlusion import occlusion_graph
+    from orcnn_core.visualize import draw_prediction
+    from orcnn_ros import conversions
+
+    store = make_typestore()
+    summary = dict(frames=0, malformed=0, instances=0, inference_ms=0.0, output=str(out))
+    with Reader(bag) as reader:
+        connections = [c for c in reader.connections if c.topic == topic]
+        if not connections:
+            raise ValueError(f"{bag}: no topic {topic!r} (topics: "
+                             f"{', '.join(sorted(reader.topics)) or 'none'})")
+        if any(c.msgtype not in IMAGE_TYPES for c in connections):
+            raise ValueError(f"{bag}: topic {topic!r} holds {connections[0].msgtype}, not "
+                             f"{' or '.join(IMAGE_TYPES)}")
+        with Writer(out, version=Writer.VERSION_LATEST) as writer:
+            out_conn = writer.add_connection(output_topic, OUTPUT_TYPE, typestore=store)
+            overlay_conn = None
+            if overlay_topic:
+                overlay_conn = writer.add_connection(overlay_topic, "sensor_msgs/msg/Image",
+                                                     typestore=store)
+            for connection, timestamp, raw in reader.messages(connections=connections):
+                if limit and summary["frames"] >= limit:
+                    break
+                start = time.perf_counter()
+                msg = store.deserialize_cdr(raw, connection.msgtype)
+                try:
+                    image, order = conversions.message_to_array(msg, color_order)
+                except ValueError as exc:
+                    summary["malformed"] += 1
+                    log(f"skipping malformed frame at {timestamp} ns: {exc}")
+                    continue
+                if not image.flags.writeable:  # a view of the bag's bytes; torch wants a copy
+                    image = image.copy()
+                t0 = time.perf_counter()
+                prediction = predictor(image, color_order=order)
+                inference_ms = (time.perf_counter() - t0) * 1000.0
+                prediction = conversions.select_instances(prediction, score_threshold,
+                                                          max_instances)
+                graph = occlusion_graph(prediction, min_overlap_pixels, min_overlap_ratio)
+                header = conversions.copy_header(msg.header)
+                result = conversions.instance_array_msg(
+                    prediction, graph, header, model_name, inference_ms,
+                    (time.perf_counter() - start) * 1000.0)
+                writer.write(out_conn, timestamp, serialize_message(result))
+                if overlay_conn is not None:
+                    overlay = draw_prediction(image, prediction, graph, color_order=order)
+                    writer.write(overlay_conn, timestamp, serialize_message(
+                        conversions.array_to_image_msg(overlay, order + "8", header)))
+                summary["frames"] += 1
+                summary["instances"] += len(prediction)
+                summary["inference_ms"] += inference_ms
+                log(f"frame {summary['frames']}: {len(prediction)} instances, "
+                    f"{len(graph.edges)} edges, pick order {graph.pick_order.tolist()[:8]}, "
+                    f"{inference_ms:.0f} ms")
+    if summary["frames"]:
+        summary["inference_ms"] /= summary["frames"]
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m orcnn_ros.bag_infer",
+        description="Amodal instance segmentation of the images in a rosbag2; writes "
+                    "AmodalInstanceArray messages (and overlays) to a new rosbag2.")
+    parser.add_argument("--bag", required=True, help="input rosbag2 folder")
+    parser.add_argument("--topic", required=True,
+                        help="image topic (sensor_msgs/Image or CompressedImage)")
+    parser.add_argument("--out", required=True, help="output rosbag2 folder (must not exist)")
+    parser.add_argument("--model", default="",
+                        help="ORCNN weights (.safetensors); default: the bundled model")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--max-instances", type=int, default=50)
+    parser.add_argument("--min-overlap-pixels", type=int, default=20)
+    parser.add_argument("--min-overlap-ratio", type=float, default=0.01)
+    parser.add_argument("--color-order", default="auto", choices=("auto", "rgb", "bgr"))
+    parser.add_argument("--output-topic", default="/amodal_instances")
+    parser.add_argument("--overlay-topic", default="/orcnn_perception/debug_image")
+    parser.add_argument("--no-overlay", action="store_true", help="write no overlay images")
+    parser.add_argument("--limit", type=int, default=0, help="stop after N frames (0: all)")
+    args = parser.parse_args(argv)
+
+    from orcnn_core.errors import InputError
+    from orcnn_core.predictor import Predictor
+    from orcnn_ros.perception_node import default_model_path
+
+    model = Path(args.model) if args.model else default_model_path()
+    if Path(args.out).exists():
+        print(f"bag_infer: {args.out} exists already; choose a new output folder",
+              file=sys.stderr)
+        return 2
+    if not 0.0 <= args.score_threshold <= 1.0 or args.max_instances < 1:
+        print("bag_infer: --score-threshold must be in [0, 1] and --max-instances >= 1",
+              file=sys.stderr)
+        return 2
+    try:
+        if not model.is_file():
+            raise InputError(f"{model}: no such file" + (
+                "" if args.model else " (the bundled model; pass --model)"))
+        predictor = Predictor.from_file(model, device=args.device,
+                                        score_thresh=args.score_threshold)
+        summary = infer_bag(
+            args.bag, args.topic, args.out, predictor, score_threshold=args.score_threshold,
+            max_instances=args.max_instances, min_overlap_pixels=args.min_overlap_pixels,
+            min_overlap_ratio=args.min_overlap_ratio, color_order=args.color_order,
+            output_topic=args.output_topic,
+            overlay_topic=None if args.no_overlay else args.overlay_topic,
+            model_name=model.stem, limit=args.limit)
+    except (InputError, ValueError, FileNotFoundError) as exc:
+        print(f"bag_infer: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # rosbags' reader/writer errors name the bag
+        if type(exc).__module__.startswith("rosbags"):
+            print(f"bag_infer: {exc}", file=sys.stderr)
+            return 2
+        raise
+    print(f"bag_infer: {summary['frames']} frames ({summary['malformed']} malformed "
+          f"skipped), {summary['instances']} instances, mean inference "
+          f"{summary['inference_ms']:.0f} ms -> {summary['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

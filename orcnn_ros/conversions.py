@@ -1,0 +1,337 @@
+"""Pure functions between ROS messages and the ``orcnn_core`` world; no node, no graph.
+
+* image messages -> numpy: :func:`image_to_array`, :func:`compressed_to_array`,
+  :func:`message_to_array`. A frame is checked (encoding, size, step, data length) before a
+  library touches it, so a malformed frame is one :class:`ValueError` that names the field.
+  The conversion itself is the ROS distribution's ``cv_bridge`` when it is importable, else
+  ``rosbags-image`` (pure Python; the PyPI package called ``cv-bridge`` is not ROS's and
+  does not work).
+* :func:`select_instances`, :func:`instance_array_msg`: a Prediction and its occlusion graph
+  -> ``orcnn_ros/AmodalInstanceArray``.
+* :class:`PipelineStats` and :func:`diagnostics_msg`: counters and timings -> /diagnostics.
+
+The input side reads attributes only (``height``, ``width``, ``encoding``, ``step``,
+``data``, ...), so it accepts rclpy messages and rosbags' deserialised messages alike.
+"""
+
+import math
+import threading
+import time
+from collections import deque
+from types import SimpleNamespace
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header
+
+from orcnn_ros.msg import AmodalInstance, AmodalInstanceArray, OcclusionEdge
+
+__all__ = [
+    "ENCODINGS", "COLOR_ORDERS", "image_to_array", "compressed_to_array", "message_to_array",
+    "check_image", "array_to_image_msg", "select_instances", "instance_array_msg",
+    "copy_header", "PipelineStats", "diagnostics_msg", "converter_name",
+]
+
+#: Supported raw encodings: (channels, bytes per channel).
+ENCODINGS = {
+    "rgb8": (3, 1), "bgr8": (3, 1), "rgba8": (4, 1), "bgra8": (4, 1),
+    "mono8": (1, 1), "mono16": (1, 2),
+}
+#: ``color_order`` values: "auto" trusts the encoding (and BGR for decoded compressed
+#: frames); "rgb" / "bgr" declare the channel order of colour frames whatever their
+#: encoding says (cameras that label BGR data rgb8 exist).
+COLOR_ORDERS = ("auto", "rgb", "bgr")
+#: Largest frame accepted (pixels); protects the node from absurd header values.
+MAX_PIXELS = 64 * 1024 * 1024
+
+
+def _ros_cv_bridge():
+    """The ROS distribution's CvBridge, or None. ROS's cv_bridge ships the compiled
+    ``cv_bridge.boost`` module; a package without it is not the ROS one."""
+    try:
+        from cv_bridge import CvBridge
+        from cv_bridge.boost.cv_bridge_boost import getCvType  # noqa: F401
+    except Exception:  # ImportError, or a broken install failing on import
+        return None
+    return CvBridge()
+
+
+_BRIDGE = _ros_cv_bridge()
+
+
+def converter_name() -> str:
+    """Which library converts image messages here: "cv_bridge" or "rosbags-image"."""
+    return "cv_bridge" if _BRIDGE is not None else "rosbags-image"
+
+
+# ------------------------------------------------------------------------- images in
+def _check_color_order(color_order: str) -> None:
+    if color_order not in COLOR_ORDERS:
+        raise ValueError(f"color_order: {color_order!r} is not one of {', '.join(COLOR_ORDERS)}")
+
+
+def check_image(msg) -> int:
+    """Validate a sensor_msgs/Image; returns the bytes per row without padding.
+
+    Raises ValueError naming the first bad field: encoding, height/width, step or data.
+    """
+    encoding = msg.encoding
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding: {encoding!r} is not supported (supported: "
+                         f"{', '.join(ENCODINGS)})")
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height == 0 or width == 0:
+        raise ValueError(f"height/width: empty image ({width} x {height})")
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"height/width: {width} x {height} is larger than {MAX_PIXELS} "
+                         f"pixels")
+    channels, depth = ENCODINGS[encoding]
+    row = width * channels * depth
+    if step < row:
+        raise ValueError(f"step: {step} bytes per row is less than width x pixel size = "
+                         f"{width} x {channels * depth} = {row} for {encoding}")
+    if depth > 1 and step % depth:
+        raise ValueError(f"step: {step} is not a multiple of the {depth}-byte channel of "
+                         f"{encoding}")
+    size = len(msg.data)
+    if size != step * height:
+        what = "truncated" if size < step * height else "too long"
+        raise ValueError(f"data: {size} bytes, expected step x height = {step} x {height} = "
+                         f"{step * height} ({what})")
+    return row
+
+
+def _unpadded(msg, row: int):
+    """``msg`` itself, or a copy of its fields with the row padding (step > row) removed:
+    rosbags-image assumes tightly packed rows."""
+    if int(msg.step) == row:
+        return msg
+    rows = np.frombuffer(msg.data, np.uint8).reshape(int(msg.height), int(msg.step))
+    return SimpleNamespace(height=msg.height, width=msg.width, encoding=msg.encoding,
+                           is_bigendian=msg.is_bigendian, step=row,
+                           data=np.ascontiguousarray(rows[:, :row]).reshape(-1))
+
+
+def _target_encoding(encoding: str) -> str:
+    """What the model gets: 3 channels, 8 bit; rgb8 and bgr8 stay as they are (the
+    Predictor swaps channels on its device, which is cheaper than a copy here)."""
+    return {"rgb8": "rgb8", "bgr8": "bgr8", "rgba8": "rgb8", "bgra8": "bgr8"}.get(
+        encoding, "rgb8")
+
+
+def image_to_array(msg, color_order: str = "auto"):
+    """sensor_msgs/Image -> ``(H x W x 3 uint8 array, "rgb" | "bgr")``.
+
+    rgba8/bgra8 lose alpha; mono8 is replicated to 3 channels; mono16 is scaled linearly
+    from 0..65535 to 0..255 (the cv_bridge convention). The array may share memory with the
+    message. Raises ValueError for a malformed or unsupported frame.
+    """
+    _check_color_order(color_order)
+    row = check_image(msg)
+    target = _target_encoding(msg.encoding)
+    try:
+        if _BRIDGE is not None:
+            array = _BRIDGE.imgmsg_to_cv2(msg, desired_encoding=target)
+        else:
+            from rosbags.image import image_to_cvimage
+
+            source = _unpadded(msg, row)
+            array = image_to_cvimage(source, None if target == msg.encoding else target)
+    except Exception as exc:  # the library's own error types
+        raise ValueError(f"data: cannot convert {msg.encoding} frame ({exc})") from None
+    array = np.asarray(array)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"encoding: {msg.encoding} converted to an unexpected "
+                         f"{array.shape} {array.dtype} array")
+    order = target[:3]
+    if color_order != "auto" and ENCODINGS[msg.encoding][0] >= 3:
+        order = color_order
+    return array, order
+
+
+def compressed_to_array(msg, color_order: str = "auto"):
+    """sensor_msgs/CompressedImage (jpeg, png, ...) -> ``(H x W x 3 uint8, order)``.
+
+    Raises ValueError when the data is empty or cannot be decoded.
+    """
+    _check_color_order(color_order)
+    data = msg.data
+    if len(data) == 0:
+        raise ValueError(f"data: empty compressed frame (format {msg.format!r})")
+    try:
+        if _BRIDGE is not None:
+            array = _BRIDGE.compressed_imgmsg_to_cv2(msg, desired_encoding="passthrough")
+        else:
+            from rosbags.image import compressed_image_to_cvimage
+
+            array = compressed_image_to_cvimage(msg)
+    except Exception:  # decoders fail with assertion, cv2.error or library errors
+        array = None
+    if array is None or getattr(array, "size", 0) == 0:
+        raise ValueError(f"data: cannot decode the {len(data)}-byte compressed frame "
+                         f"(format {msg.format!r})")
+    array = np.asarray(array)
+    if array.dtype == np.uint16:  # 16-bit PNG
+        array = (array / 257.0 + 0.5).astype(np.uint8)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
+        gray = array.reshape(array.shape[:2])
+        return np.repeat(gray[:, :, None], 3, axis=2), "rgb"
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
+        raise ValueError(f"data: compressed frame decoded to an unsupported "
+                         f"{array.shape} {array.dtype} image")
+    if array.shape[2] == 4:
+        array = np.ascontiguousarray(array[:, :, :3])
+    # OpenCV decodes colour images to BGR.
+    return array, ("bgr" if color_order == "auto" else color_order)
+
+
+def message_to_array(msg, color_order: str = "auto"):
+    """Image or CompressedImage (told apart by the ``format`` field) -> (array, order)."""
+    if hasattr(msg, "format"):
+        return compressed_to_array(msg, color_order)
+    return image_to_array(msg, color_order)
+
+
+def array_to_image_msg(array: np.ndarray, encoding: str, header=None) -> Image:
+    """A packed H x W x C uint8 array -> sensor_msgs/Image (rgb8, bgr8 or mono8)."""
+    array = np.ascontiguousarray(array)
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    msg = Image(height=height, width=width, encoding=encoding, is_bigendian=0,
+                step=width * channels, data=array.tobytes())
+    if header is not None:
+        msg.header = header
+    return msg
+
+
+# ------------------------------------------------------------------------- results out
+def select_instances(prediction, score_threshold: float, max_instances: int):
+    """The instances scoring at least ``score_threshold``, best first, at most
+    ``max_instances`` of them (a new Prediction; the input is not changed)."""
+    scores = np.asarray(prediction.scores)
+    order = np.argsort(-scores, kind="stable")
+    order = order[scores[order] >= score_threshold][:max(int(max_instances), 0)]
+    if len(order) == len(scores) and np.array_equal(order, np.arange(len(scores))):
+        return prediction
+    return type(prediction)(
+        boxes=prediction.boxes[order], scores=prediction.scores[order],
+        labels=prediction.labels[order],
+        class_names=[prediction.class_names[i] for i in order],
+        rois=prediction.rois[order], crops=[prediction.crops[i] for i in order],
+        image_size=tuple(prediction.image_size))
+
+
+def instance_array_msg(prediction, graph, header, model_name: str = "",
+                       inference_ms: float = 0.0, latency_ms: float = 0.0
+                       ) -> AmodalInstanceArray:
+    """Build the AmodalInstanceArray of one frame. Instance ``id`` = index in the
+    prediction; masks are mono8 over the amodal box, with the frame's header."""
+    height, width = prediction.image_size
+    out = AmodalInstanceArray(header=header, image_width=int(width), image_height=int(height),
+                              model_name=model_name, inference_ms=float(inference_ms),
+                              latency_ms=float(latency_ms), has_cycle=bool(graph.has_cycle))
+    amodal = prediction.amodal_areas
+    visible = prediction.visible_areas
+    ratios = prediction.occlusion_ratios
+    truncated = prediction.truncated
+    layers = graph.layers
+    instances = []
+    for i, ((x, y, w, h), crop) in enumerate(zip(prediction.rois.tolist(), prediction.crops)):
+        mask = Image(header=header, height=h, width=w, encoding="mono8", is_bigendian=0,
+                     step=w, data=np.ascontiguousarray(crop, np.uint8).tobytes())
+        instances.append(AmodalInstance(
+            id=i, class_id=int(prediction.labels[i]), class_name=prediction.class_names[i],
+            score=float(prediction.scores[i]), roi_x=x, roi_y=y, roi_width=w, roi_height=h,
+            mask=mask, amodal_area=int(amodal[i]), visible_area=int(visible[i]),
+            occlusion_ratio=float(ratios[i]), truncated=bool(truncated[i]),
+            layer=int(layers[i])))
+    out.instances = instances
+    out.edges = [OcclusionEdge(occluder=a, occludee=b, overlap_pixels=p, overlap_ratio=r)
+                 for (a, b), p, r in zip(graph.edges.tolist(), graph.overlap_pixels.tolist(),
+                                         graph.overlap_ratio.tolist())]
+    out.pick_order = [int(i) for i in graph.pick_order]
+    return out
+
+
+def copy_header(header) -> Header:
+    """An rclpy std_msgs/Header from any object with ``stamp.sec``, ``stamp.nanosec`` and
+    ``frame_id`` (e.g. a rosbags message)."""
+    return Header(stamp=Time(sec=int(header.stamp.sec), nanosec=int(header.stamp.nanosec)),
+                  frame_id=str(header.frame_id))
+
+
+# ------------------------------------------------------------------------- diagnostics
+class PipelineStats:
+    """Thread-safe frame counters and a sliding window of per-frame timings."""
+
+    def __init__(self, window_sec: float = 5.0, clock=time.monotonic):
+        self.window_sec = float(window_sec)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.received = self.processed = self.dropped = self.malformed = self.failed = 0
+        self.overlays = 0
+        self._frames = deque()  # (publish time, latency ms, inference ms, instances)
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def frame_done(self, latency_ms: float, inference_ms: float, instances: int) -> None:
+        with self._lock:
+            self.processed += 1
+            self._frames.append((self._clock(), latency_ms, inference_ms, instances))
+
+    def snapshot(self) -> dict:
+        """Counters since start plus rate and means over the last ``window_sec``."""
+        with self._lock:
+            now = self._clock()
+            while self._frames and now - self._frames[0][0] > self.window_sec:
+                self._frames.popleft()
+            frames = list(self._frames)
+            out = dict(received=self.received, processed=self.processed,
+                       dropped=self.dropped, malformed=self.malformed, failed=self.failed,
+                       overlays=self.overlays)
+        if len(frames) >= 2:
+            span = frames[-1][0] - frames[0][0]
+            out["rate_hz"] = (len(frames) - 1) / span if span > 0 else 0.0
+        else:
+            out["rate_hz"] = 0.0
+        for key, column in (("latency_ms", 1), ("inference_ms", 2), ("instances", 3)):
+            values = [f[column] for f in frames]
+            out[key] = float(np.mean(values)) if values else math.nan
+        out["latency_max_ms"] = max((f[1] for f in frames), default=math.nan)
+        return out
+
+
+def diagnostics_msg(stamp, snapshot: dict, state: str, model: str, device: str,
+                    problem: str = "") -> DiagnosticArray:
+    """/diagnostics message with one status "orcnn_perception: inference".
+
+    Level: ERROR when ``problem`` is set (e.g. the model failed to load), WARN when active
+    without output in the window, else OK.
+    """
+    if problem:
+        level, message = DiagnosticStatus.ERROR, problem
+    elif state != "active":
+        level, message = DiagnosticStatus.OK, f"{state}: not processing images"
+    elif not math.isnan(snapshot["latency_ms"]):  # frames published within the window
+        level, message = DiagnosticStatus.OK, f"{snapshot['rate_hz']:.1f} Hz"
+    else:
+        level, message = DiagnosticStatus.WARN, "active, no images processed recently"
+
+    def fmt(value):
+        if isinstance(value, float):
+            return "nan" if math.isnan(value) else f"{value:.2f}"
+        return str(value)
+
+    values = [("state", state), ("model", model), ("device", device),
+              ("converter", converter_name())]
+    values += [(key, fmt(snapshot[key])) for key in (
+        "rate_hz", "latency_ms", "latency_max_ms", "inference_ms", "instances", "received",
+        "processed", "dropped", "malformed", "failed", "overlays")]
+    status = DiagnosticStatus(level=level, name="orcnn_perception: inference",
+                              message=message, hardware_id=device,
+                              values=[KeyValue(key=k, value=str(v)) for k, v in values])
+    return DiagnosticArray(header=Header(stamp=stamp), status=[status])

@@ -1,0 +1,476 @@
+"""The ORCNN perception node: camera images in, ``amodal_instances`` out.
+
+    python -m orcnn_ros.perception_node --ros-args -p model_path:=/path/model.safetensors
+    ros2 run orcnn_ros perception_node --ros-args -r image:=/camera/image_raw
+
+A lifecycle node (``orcnn_perception``): configure loads the model, activate subscribes and
+publishes, deactivate stops, cleanup frees the model; with ``autostart`` (default) it
+configures and activates itself. The node is thin: image conversion and message building
+are in :mod:`orcnn_ros.conversions`, the occlusion graph in :mod:`orcnn_core.occlusion`.
+
+Threading: the subscription callback only stores the newest frame in a one-slot buffer
+(replacing a frame still waiting counts as a drop) and wakes a worker thread, which
+converts, runs the model, builds the message and publishes. A plain worker thread rather
+than a callback group of a MultiThreadedExecutor keeps the executor free for lifecycle
+services, parameters and diagnostics whatever executor the node is spun by, and makes the
+latest-frame-only policy explicit: the output lags the camera by at most the inference
+running when a frame arrives plus its own.
+"""
+
+import importlib.util
+import os
+import sys
+
+if __name__ == "__main__" and not sys.flags.safe_path \
+        and importlib.util.find_spec("orcnn_ros.msg") is None:  # pragma: no cover
+    # Started from the repository root: the source folder orcnn_ros/ (without the generated
+    # orcnn_ros.msg) shadows the built package. Run again without the cwd on sys.path.
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "orcnn_ros.perception_node",
+                              *sys.argv[1:]])
+
+import math  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import rclpy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange,  # noqa: E402
+                                ParameterDescriptor, SetParametersResult)
+from rclpy.event_handler import SubscriptionEventCallbacks  # noqa: E402
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor  # noqa: E402
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn  # noqa: E402
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSPolicyKind,  # noqa: E402
+                       QoSProfile, ReliabilityPolicy)
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+
+from orcnn_ros import conversions  # noqa: E402
+from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
+
+__all__ = ["PerceptionNode", "default_model_path", "bundled_model_candidates", "main",
+           "BUNDLED_MODEL", "PARAMETERS"]
+
+BUNDLED_MODEL = "orcnn_demo.safetensors"
+NODE_NAME = "orcnn_perception"
+
+
+def bundled_model_candidates() -> list:
+    """Where the bundled model may be: ``<share>/orcnn_ros/models/`` of the installed
+    package, then ``models/`` of the source tree this module comes from (a development
+    build links the sources, so a model added there is found before a rebuild)."""
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory("orcnn_ros")) / "models"
+                          / BUNDLED_MODEL)
+    except Exception:  # not installed through ament (e.g. plain source checkout)
+        pass
+    candidates.append(Path(__file__).resolve().parents[1] / "models" / BUNDLED_MODEL)
+    return candidates
+
+
+def default_model_path() -> Path:
+    """The bundled model (first existing candidate); when none exists, the first candidate,
+    for the error message."""
+    candidates = bundled_model_candidates()
+    for path in candidates:
+        if path.is_file():
+            return path
+    return candidates[0]
+
+
+# name: (default, description, read_only, range or choices)
+PARAMETERS = {
+    "autostart": (True, "configure and activate when the node starts", True, None),
+    "model_path": ("", "ORCNN weights file (.safetensors written by orcnn-core); empty: the "
+                   "bundled model share/orcnn_ros/models/" + BUNDLED_MODEL, True, None),
+    "device": ("auto", "inference device: auto (CUDA when available), cpu, cuda or cuda:N",
+               True, None),
+    "score_threshold": (0.5, "minimum detection score of a published instance", False,
+                        (0.0, 1.0)),
+    "max_instances": (50, "at most this many instances per frame (the highest scores)",
+                      False, (1, 1000)),
+    "min_overlap_pixels": (20, "occlusion edge A->B needs at least this many pixels of B's "
+                           "hidden part under A's visible part", False, (0, 10_000_000)),
+    "min_overlap_ratio": (0.01, "occlusion edge A->B needs that overlap to be at least "
+                          "this fraction of B's amodal area", False, (0.0, 1.0)),
+    "use_compressed": (False, "subscribe to image/compressed (sensor_msgs/CompressedImage) "
+                       "instead of image (sensor_msgs/Image)", True, None),
+    "qos_reliability": ("best_effort", "input QoS reliability: best_effort (sensor data; "
+                        "matches every publisher) or reliable", True, None),
+    "qos_depth": (1, "input QoS history depth", True, (1, 100)),
+    "color_order": ("auto", "channel order of colour frames: auto (from the encoding; BGR "
+                    "for compressed), rgb or bgr (for cameras that mislabel their frames)",
+                    False, None),
+    "diagnostics_period": (1.0, "seconds between /diagnostics messages", True, (0.1, 60.0)),
+}
+CHOICES = {"qos_reliability": ("best_effort", "reliable"), "color_order": conversions.COLOR_ORDERS}
+
+
+def _descriptor(name: str) -> ParameterDescriptor:
+    default, description, read_only, limits = PARAMETERS[name]
+    descriptor = ParameterDescriptor(name=name, description=description, read_only=read_only)
+    if name in CHOICES:
+        descriptor.additional_constraints = "one of: " + ", ".join(CHOICES[name])
+    elif name == "device":
+        descriptor.additional_constraints = "auto, cpu, cuda or cuda:N"
+    if isinstance(limits, tuple) and isinstance(default, float):
+        descriptor.floating_point_range = [FloatingPointRange(
+            from_value=float(limits[0]), to_value=float(limits[1]), step=0.0)]
+    elif isinstance(limits, tuple):
+        descriptor.integer_range = [IntegerRange(from_value=limits[0], to_value=limits[1],
+                                                 step=1)]
+    return descriptor
+
+
+def check_parameter(name: str, value):
+    """None when ``value`` is acceptable for ``name``, else the reason (beyond the type
+    and range checks rclpy makes from the descriptors)."""
+    if name in CHOICES and value not in CHOICES[name]:
+        return f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}"
+    if name == "device":
+        base, _, index = str(value).partition(":")
+        if value not in ("auto", "cpu", "cuda") and not (
+                base == "cuda" and index.isdigit()):
+            return f"device must be auto, cpu, cuda or cuda:N, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One consistent snapshot of the parameters; the worker reads one per frame."""
+
+    model_path: str
+    device: str
+    score_threshold: float
+    max_instances: int
+    min_overlap_pixels: int
+    min_overlap_ratio: float
+    use_compressed: bool
+    qos_reliability: str
+    qos_depth: int
+    color_order: str
+
+
+class PerceptionNode(LifecycleNode):
+    """Lifecycle node ``orcnn_perception``; keyword arguments go to rclpy's Node
+    (``context``, ``namespace``, ``parameter_overrides``, ``cli_args``, ...)."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs):
+        super().__init__(node_name, **kwargs)
+        self._cond = threading.Condition()
+        self._pending = None  # (message, monotonic receive time)
+        self._worker = None
+        self._stop_worker = False
+        self._predictor = None
+        self._model_name = ""
+        self._device = "none"
+        self._problem = ""
+        self._active = False
+        self._subscription = None
+        self._input_name = "image"  # resolved topic name, for log lines
+        self._out_pub = None
+        self._debug_pub = None
+        self._qos_reported = False
+        self._applied = None  # (score_threshold, max_instances) set on the model
+        self._draw = None
+        self.stats = conversions.PipelineStats()
+
+        # Registered before declaring, so that start-up values are checked too.
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        for name, (default, *_rest) in PARAMETERS.items():
+            self.declare_parameter(name, default, _descriptor(name))
+        self._settings = self._read_settings()
+        self.add_post_set_parameters_callback(lambda _params: self._refresh_settings())
+
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(
+            self.get_parameter("diagnostics_period").value, self._publish_diagnostics)
+        if self.get_parameter("autostart").value:
+            if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                self.trigger_activate()
+
+    # ------------------------------------------------------------------ parameters
+    def _validate_parameters(self, params) -> SetParametersResult:
+        for param in params:
+            if param.name not in PARAMETERS:
+                continue
+            reason = check_parameter(param.name, param.value)
+            if reason:
+                self.get_logger().warning(f"rejected parameter: {reason}")
+                return SetParametersResult(successful=False, reason=reason)
+        return SetParametersResult(successful=True)
+
+    def _read_settings(self) -> Settings:
+        return Settings(**{name: self.get_parameter(name).value
+                           for name in Settings.__dataclass_fields__})
+
+    def _refresh_settings(self) -> None:
+        self._settings = self._read_settings()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def input_topic(self) -> str:
+        return "image/compressed" if self._settings.use_compressed else "image"
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        settings = self._settings
+        path = Path(settings.model_path) if settings.model_path else default_model_path()
+        try:
+            from orcnn_core.predictor import Predictor
+
+            if not path.is_file():
+                what = "the bundled model " if not settings.model_path else ""
+                raise FileNotFoundError(f"{what}{path} does not exist")
+            predictor = Predictor.from_file(path, device=settings.device,
+                                            score_thresh=settings.score_threshold)
+            # One inference at configure time: the first frames of a fresh model are several
+            # times slower (allocator, kernel selection), which belongs to start-up.
+            predictor(np.zeros((240, 320, 3), np.uint8))
+        except Exception as exc:  # InputError (bad file), FileNotFoundError, CUDA errors
+            self._problem = f"cannot load the model: {exc}"
+            self.get_logger().error(
+                f"configure failed, node stays unconfigured: {self._problem} (set the "
+                f"model_path parameter to an ORCNN .safetensors file)")
+            return TransitionCallbackReturn.FAILURE
+        self._problem = ""
+        self._predictor = predictor
+        self._applied = None
+        self._model_name = path.stem
+        self._device = str(predictor.device)
+        # Output at the namespace root: /amodal_instances without a namespace.
+        self._out_pub = self.create_lifecycle_publisher(
+            AmodalInstanceArray, "amodal_instances",
+            QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+        self._debug_pub = self.create_lifecycle_publisher(
+            Image, "~/debug_image", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+        self._stop_worker = False
+        self._worker = threading.Thread(target=self._work, name="orcnn_inference", daemon=True)
+        self._worker.start()
+        self.get_logger().info(f"model {path} loaded on {self._device}")
+        return super().on_configure(state)
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        settings = self._settings
+        reliability = ReliabilityPolicy.RELIABLE if settings.qos_reliability == "reliable" \
+            else ReliabilityPolicy.BEST_EFFORT
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=settings.qos_depth,
+                         reliability=reliability, durability=DurabilityPolicy.VOLATILE)
+        msg_type = CompressedImage if settings.use_compressed else Image
+        self._qos_reported = False
+        self._subscription = self.create_subscription(
+            msg_type, self.input_topic, self._on_image, qos,
+            event_callbacks=SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos))
+        self._input_name = self._subscription.topic_name
+        self._active = True
+        self.get_logger().info(
+            f"active: {self._subscription.topic_name} ({msg_type.__name__}, "
+            f"{settings.qos_reliability}, depth {settings.qos_depth}) -> "
+            f"{self._out_pub.topic_name}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self._stop_input()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        self._release()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        self._stop_input()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state) -> TransitionCallbackReturn:
+        self._stop_input()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_input(self) -> None:
+        self._active = False
+        if self._subscription is not None:
+            self.destroy_subscription(self._subscription)
+            self._subscription = None
+        with self._cond:
+            self._pending = None
+
+    def _release(self) -> None:
+        """Stop the worker and free the model (and its GPU memory)."""
+        worker = self._worker
+        if worker is not None:
+            with self._cond:
+                self._stop_worker = True
+                self._cond.notify_all()
+            worker.join(timeout=60.0)
+            self._worker = None
+        for pub in (self._out_pub, self._debug_pub):
+            if pub is not None:
+                self.destroy_lifecycle_publisher(pub)
+        self._out_pub = self._debug_pub = None
+        device = self._predictor.device if self._predictor is not None else None
+        self._predictor = None
+        if device is not None and device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        self._device = "none"
+
+    def destroy_node(self):
+        self._stop_input()
+        self._release()
+        return super().destroy_node()
+
+    # ------------------------------------------------------------------ input
+    def _on_image(self, msg) -> None:
+        received = time.monotonic()
+        with self._cond:
+            if self._pending is not None:
+                self.stats.count("dropped")
+            self._pending = (msg, received)
+            self._cond.notify()
+        self.stats.count("received")
+
+    def _on_incompatible_qos(self, info) -> None:
+        if self._qos_reported:
+            return
+        self._qos_reported = True
+        policy = QoSPolicyKind(info.last_policy_kind)
+        if policy == QoSPolicyKind.RELIABILITY:
+            hint = ("the publisher is best effort: set qos_reliability:=best_effort "
+                    "(the default)")
+        else:
+            hint = (f"make the publisher's {policy.name.lower()} policy compatible or "
+                    f"change qos_reliability/qos_depth")
+        self.get_logger().error(
+            f"incompatible QoS on {self._input_name}: a publisher's "
+            f"{policy.name} policy does not match this subscription "
+            f"({self._settings.qos_reliability}); no frames arrive from it. Fix: {hint}")
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._stop_worker:
+                    self._cond.wait()
+                if self._stop_worker:
+                    return
+                msg, received = self._pending
+                self._pending = None
+            try:
+                self._process(msg, received)
+            except Exception as exc:  # never let one frame end the node
+                self.stats.count("failed")
+                self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}",
+                                        throttle_duration_sec=5.0)
+
+    def _apply_model_settings(self, settings: Settings) -> None:
+        """Run-time score threshold and instance cap, set on the model between frames (the
+        same attributes Predictor sets at load time) so that fewer boxes reach the mask
+        heads; select_instances enforces both on the output as well."""
+        wanted = (settings.score_threshold, settings.max_instances)
+        if wanted == self._applied:
+            return
+        heads = getattr(self._predictor.model, "roi_heads", None)
+        if heads is not None:
+            heads.score_thresh = float(settings.score_threshold)
+            heads.detections_per_img = int(settings.max_instances)
+        self._applied = wanted
+
+    def _process(self, msg, received: float) -> None:
+        from orcnn_core.occlusion import occlusion_graph
+
+        settings = self._settings
+        predictor = self._predictor
+        if predictor is None:
+            return
+        try:
+            image, order = conversions.message_to_array(msg, settings.color_order)
+        except ValueError as exc:
+            self.stats.count("malformed")
+            self.get_logger().warning(
+                f"skipping malformed frame from {self._input_name}: {exc}",
+                throttle_duration_sec=5.0)
+            return
+        self._apply_model_settings(settings)
+        start = time.perf_counter()
+        prediction = predictor(image, color_order=order)
+        inference_ms = (time.perf_counter() - start) * 1000.0
+        prediction = conversions.select_instances(prediction, settings.score_threshold,
+                                                  settings.max_instances)
+        graph = occlusion_graph(prediction, settings.min_overlap_pixels,
+                                settings.min_overlap_ratio)
+        out = conversions.instance_array_msg(prediction, graph, msg.header, self._model_name,
+                                             inference_ms)
+        out.latency_ms = (time.monotonic() - received) * 1000.0
+        if not self._active:
+            return
+        self._out_pub.publish(out)
+        self.stats.frame_done(out.latency_ms, inference_ms, len(prediction))
+        debug_pub = self._debug_pub
+        if debug_pub is not None and debug_pub.get_subscription_count() > 0:
+            overlay = self._overlay(image, order, prediction, graph)
+            if overlay is not None:
+                debug_pub.publish(conversions.array_to_image_msg(overlay, order + "8",
+                                                                 msg.header))
+                self.stats.count("overlays")
+
+    def _overlay(self, image, order, prediction, graph):
+        if self._draw is None:
+            try:
+                from orcnn_core.visualize import draw_prediction
+            except ImportError as exc:
+                self.get_logger().error(f"no debug image: {exc}", once=True)
+                return None
+            self._draw = draw_prediction
+        return self._draw(image, prediction, graph, color_order=order)
+
+    # ------------------------------------------------------------------ diagnostics
+    def lifecycle_state(self) -> str:
+        return self._state_machine.current_state[1]
+
+    def _publish_diagnostics(self) -> None:
+        msg = conversions.diagnostics_msg(
+            self.get_clock().now().to_msg(), self.stats.snapshot(), self.lifecycle_state(),
+            self._model_name, self._device, self._problem)
+        self._diag_pub.publish(msg)
+
+
+def main(argv=None) -> int:
+    """Run the node until Ctrl-C / SIGTERM; 2 when a parameter value is invalid."""
+    from rclpy.exceptions import (InvalidParameterTypeException,
+                                  InvalidParameterValueException)
+
+    rclpy.init(args=sys.argv if argv is None else argv)
+    try:
+        try:
+            node = PerceptionNode()
+        except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
+            print(f"[{NODE_NAME}] invalid parameter: {exc}", file=sys.stderr)
+            return 2
+        # One thread spins the executor (services, parameters, diagnostics); inference has
+        # its own worker thread, so a single-threaded executor never waits on the model.
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        try:
+            executor.spin()
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

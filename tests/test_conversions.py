@@ -1,0 +1,397 @@
+"""Message conversions, message building, diagnostics and bag replay, without a ROS graph."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
+from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
+from rclpy.serialization import deserialize_message, serialize_message  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from orcnn_core.occlusion import occlusion_graph  # noqa: E402
+from orcnn_core.predictor import Prediction  # noqa: E402
+from orcnn_ros import conversions  # noqa: E402
+from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(7)
+RGB = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+
+
+def raw(array, encoding, step=None, bigendian=0):
+    """An Image whose rows are padded to ``step`` bytes (pad bytes are 0xEE)."""
+    height, width = array.shape[:2]
+    rows = array.reshape(height, -1).view(np.uint8).reshape(height, -1)
+    step = rows.shape[1] if step is None else step
+    data = np.full((height, step), 0xEE, np.uint8)
+    data[:, :rows.shape[1]] = rows
+    return Image(height=height, width=width, encoding=encoding, step=step,
+                 is_bigendian=bigendian, data=data.tobytes())
+
+
+# ------------------------------------------------------------------------- images in
+@pytest.mark.parametrize("step_pad", [0, 5])
+def test_colour_encodings(step_pad):
+    rgb = RGB
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    alpha = np.full(rgb.shape[:2] + (1,), 9, np.uint8)
+    cases = {
+        "rgb8": (rgb, rgb, "rgb"),
+        "bgr8": (bgr, bgr, "bgr"),
+        "rgba8": (np.concatenate([rgb, alpha], 2), rgb, "rgb"),
+        "bgra8": (np.concatenate([bgr, alpha], 2), bgr, "bgr"),
+    }
+    for encoding, (data, expected, order) in cases.items():
+        row = data.shape[1] * data.shape[2]
+        msg = raw(data, encoding, step=row + step_pad)
+        array, got_order = conversions.image_to_array(msg)
+        assert got_order == order, encoding
+        assert array.dtype == np.uint8 and array.shape == (5, 7, 3), encoding
+        np.testing.assert_array_equal(array, expected, err_msg=encoding)
+        # The same frame reaches the model as the same RGB picture.
+        as_rgb = array if got_order == "rgb" else array[:, :, ::-1]
+        np.testing.assert_array_equal(as_rgb, rgb, err_msg=encoding)
+
+
+def test_mono_encodings_become_three_equal_channels():
+    gray = RNG.integers(0, 256, size=(4, 6), dtype=np.uint8)
+    array, order = conversions.image_to_array(raw(gray, "mono8", step=8))
+    assert order == "rgb"
+    np.testing.assert_array_equal(array, np.repeat(gray[:, :, None], 3, 2))
+
+    deep = np.array([[0, 65535, 257 * 100], [257 * 3, 1000, 65000]], np.uint16)
+    expected = (deep.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)
+    little, _ = conversions.image_to_array(raw(deep.astype("<u2"), "mono16"))
+    big, _ = conversions.image_to_array(raw(deep.astype(">u2"), "mono16", bigendian=1))
+    for array in (little, big):
+        assert array.shape == (2, 3, 3)
+        np.testing.assert_array_equal(array[:, :, 0], expected)
+        np.testing.assert_array_equal(array[:, :, 2], expected)
+
+
+def test_color_order_parameter_overrides_the_encoding_of_colour_frames():
+    msg = raw(RGB, "rgb8")
+    assert conversions.image_to_array(msg, "bgr")[1] == "bgr"
+    assert conversions.image_to_array(msg, "auto")[1] == "rgb"
+    gray = raw(RGB[:, :, 0], "mono8")
+    assert conversions.image_to_array(gray, "bgr")[1] == "rgb"  # no colours to swap
+    with pytest.raises(ValueError, match="^color_order"):
+        conversions.image_to_array(msg, "grb")
+
+
+@pytest.mark.parametrize("msg, field", [
+    (Image(height=2, width=3, encoding="yuv422", step=6, data=bytes(12)), "encoding"),
+    (Image(height=2, width=3, encoding="32FC1", step=12, data=bytes(24)), "encoding"),
+    (Image(height=2, width=3, encoding="", step=9, data=bytes(18)), "encoding"),
+    (Image(height=0, width=0, encoding="rgb8", step=0, data=b""), "height/width"),
+    (Image(height=2, width=0, encoding="rgb8", step=0, data=b""), "height/width"),
+    (Image(height=2, width=3, encoding="rgb8", step=6, data=bytes(12)), "step"),
+    (Image(height=2, width=3, encoding="mono16", step=7, data=bytes(14)), "step"),
+    (Image(height=2, width=3, encoding="rgb8", step=9, data=bytes(17)), "data"),
+    (Image(height=2, width=3, encoding="rgb8", step=9, data=b""), "data"),
+    (Image(height=2, width=3, encoding="rgb8", step=9, data=bytes(19)), "data"),
+    (Image(height=100000, width=100000, encoding="mono8", step=100000, data=b""),
+     "height/width"),
+], ids=["unknown", "32FC1", "no-encoding", "empty", "zero-width", "short-step",
+        "odd-step", "truncated", "no-data", "too-long", "huge"])
+def test_malformed_frames_raise_one_value_error_naming_the_field(msg, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        conversions.image_to_array(msg)
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        conversions.message_to_array(msg)
+
+
+def test_compressed_frames():
+    bgr = cv2.GaussianBlur(np.ascontiguousarray(
+        np.repeat(np.repeat(RGB[:, :, ::-1], 8, 0), 8, 1)), (5, 5), 0)
+    png = cv2.imencode(".png", bgr)[1].tobytes()
+    array, order = conversions.message_to_array(CompressedImage(format="png", data=png))
+    assert order == "bgr"
+    np.testing.assert_array_equal(array, bgr)
+    jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    array, order = conversions.compressed_to_array(
+        CompressedImage(format="rgb8; jpeg compressed bgr8", data=jpeg))
+    assert order == "bgr" and array.shape == bgr.shape
+    assert np.abs(array.astype(int) - bgr).mean() < 10  # lossy, but the channels match
+    assert np.abs(array[:, :, ::-1].astype(int) - bgr).mean() > 30
+    gray = bgr[:, :, 0]
+    array, order = conversions.compressed_to_array(
+        CompressedImage(format="png", data=cv2.imencode(".png", gray)[1].tobytes()))
+    assert order == "rgb" and array.shape == gray.shape + (3,)
+    np.testing.assert_array_equal(array[:, :, 1], gray)
+    deep = (gray.astype(np.uint16) * 257)
+    array, _ = conversions.compressed_to_array(
+        CompressedImage(format="png", data=cv2.imencode(".png", deep)[1].tobytes()))
+    np.testing.assert_array_equal(array[:, :, 0], gray)
+    assert conversions.compressed_to_array(CompressedImage(format="png", data=png),
+                                           "rgb")[1] == "rgb"
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", None])
+def test_undecodable_compressed_frames(data):
+    if data is None:  # a PNG cut in half
+        png = cv2.imencode(".png", RGB)[1].tobytes()
+        data = png[:len(png) // 2]
+    with pytest.raises(ValueError, match="^data: "):
+        conversions.message_to_array(CompressedImage(format="png", data=data))
+
+
+def test_array_to_image_msg_round_trip():
+    header = Header(frame_id="cam")
+    header.stamp.sec = 5
+    msg = conversions.array_to_image_msg(RGB, "rgb8", header)
+    assert (msg.height, msg.width, msg.step, msg.encoding) == (5, 7, 21, "rgb8")
+    assert msg.header.frame_id == "cam" and msg.header.stamp.sec == 5
+    np.testing.assert_array_equal(conversions.image_to_array(msg)[0], RGB)
+
+
+# ------------------------------------------------------------------------- results out
+def hand_prediction():
+    """Three instances on a 40 x 60 image: 1 lies on 0; 2 reaches past the left border."""
+    crops = [np.zeros((10, 12), np.uint8), np.ones((6, 8), np.uint8),
+             np.zeros((8, 9), np.uint8)]
+    crops[0][:, :] = 1
+    crops[0][2:8, 4:12] = 2  # hidden under instance 1 (6 x 8 = 48 px)
+    crops[2][1:7, 0:4] = 2   # outside the image (x < 0)
+    crops[2][1:7, 4:9] = 1
+    rois = np.array([[10, 5, 12, 10], [14, 7, 8, 6], [-4, 20, 9, 8]], np.int32)
+    boxes = np.concatenate([rois[:, :2], rois[:, :2] + rois[:, 2:]], 1).astype(np.float32)
+    return Prediction(boxes=boxes, scores=np.array([0.9, 0.6, 0.75], np.float32),
+                      labels=np.array([1, 2, 1]), class_names=["box", "can", "box"],
+                      rois=rois, crops=crops, image_size=(40, 60))
+
+
+def test_select_instances_threshold_and_cap():
+    pred = hand_prediction()
+    everything = conversions.select_instances(pred, 0.0, 10)
+    assert everything.scores.tolist() == pytest.approx([0.9, 0.75, 0.6])
+    top = conversions.select_instances(pred, 0.7, 10)
+    assert top.scores.tolist() == pytest.approx([0.9, 0.75])
+    assert top.class_names == ["box", "box"]
+    np.testing.assert_array_equal(top.crops[1], pred.crops[2])
+    capped = conversions.select_instances(pred, 0.0, 2)
+    assert capped.scores.tolist() == pytest.approx([0.9, 0.75])
+    assert len(conversions.select_instances(pred, 0.95, 10)) == 0
+    assert len(pred) == 3  # the input is untouched
+
+
+def test_instance_array_message_fields():
+    pred = hand_prediction()
+    graph = occlusion_graph(pred, min_overlap_pixels=10, min_overlap_ratio=0.01)
+    header = Header(frame_id="camera_optical")
+    header.stamp.sec, header.stamp.nanosec = 1234, 5678
+    msg = conversions.instance_array_msg(pred, graph, header, "tiny", 12.5, 20.25)
+    # Through CDR and back: what a subscriber receives.
+    msg = deserialize_message(serialize_message(msg), AmodalInstanceArray)
+    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (1234, 5678)
+    assert msg.header.frame_id == "camera_optical"
+    assert (msg.image_width, msg.image_height) == (60, 40)
+    assert msg.model_name == "tiny"
+    assert msg.inference_ms == pytest.approx(12.5) and msg.latency_ms == pytest.approx(20.25)
+    assert [(e.occluder, e.occludee, e.overlap_pixels) for e in msg.edges] == [(1, 0, 48)]
+    assert msg.edges[0].overlap_ratio == pytest.approx(48 / 120)
+    assert list(msg.pick_order) == [2, 1, 0]  # layer 0 by score (0.75, 0.6), then 0
+    assert not msg.has_cycle
+    for i, inst in enumerate(msg.instances):
+        x, y, w, h = pred.rois[i].tolist()
+        assert inst.id == i
+        assert (inst.roi_x, inst.roi_y, inst.roi_width, inst.roi_height) == (x, y, w, h)
+        assert (inst.mask.width, inst.mask.height, inst.mask.step) == (w, h, w)
+        assert inst.mask.encoding == "mono8"
+        assert inst.mask.header.stamp.sec == 1234
+        np.testing.assert_array_equal(
+            np.frombuffer(bytes(inst.mask.data), np.uint8).reshape(h, w), pred.crops[i])
+        assert inst.class_id == pred.labels[i] and inst.class_name == pred.class_names[i]
+        assert inst.score == pytest.approx(pred.scores[i])
+    assert [i.amodal_area for i in msg.instances] == [120, 48, 54]
+    assert [i.visible_area for i in msg.instances] == [72, 48, 30]
+    assert [i.occlusion_ratio for i in msg.instances] == pytest.approx(
+        [48 / 120, 0.0, 1 - 30 / 54])
+    assert [i.truncated for i in msg.instances] == [False, False, True]
+    assert [i.layer for i in msg.instances] == [1, 0, 0]
+
+
+def test_empty_prediction_message():
+    pred = Prediction.empty((30, 40))
+    msg = conversions.instance_array_msg(pred, occlusion_graph(pred), Header(), "m")
+    assert (msg.image_width, msg.image_height) == (40, 30)
+    assert len(msg.instances) == 0 and len(msg.edges) == 0 and len(msg.pick_order) == 0
+
+
+# ------------------------------------------------------------------------- diagnostics
+def test_pipeline_stats_and_diagnostics():
+    now = [100.0]
+    stats = conversions.PipelineStats(window_sec=5.0, clock=lambda: now[0])
+    stamp = Header().stamp
+    snap = stats.snapshot()
+    assert snap["rate_hz"] == 0.0 and math.isnan(snap["latency_ms"])
+    status = conversions.diagnostics_msg(stamp, snap, "active", "m", "cpu").status[0]
+    assert status.level == DiagnosticStatus.WARN
+    for k in range(5):
+        now[0] = 100.0 + 0.5 * k
+        stats.count("received")
+        stats.frame_done(latency_ms=40.0 + k, inference_ms=30.0, instances=3)
+    stats.count("dropped", 2)
+    stats.count("malformed")
+    snap = stats.snapshot()
+    assert snap["rate_hz"] == pytest.approx(2.0)
+    assert snap["latency_ms"] == pytest.approx(42.0)
+    assert snap["latency_max_ms"] == pytest.approx(44.0)
+    assert (snap["received"], snap["processed"], snap["dropped"], snap["malformed"]) == \
+        (5, 5, 2, 1)
+    array = conversions.diagnostics_msg(stamp, snap, "active", "orcnn_demo", "cuda:0")
+    status = array.status[0]
+    assert status.name == "orcnn_perception: inference"
+    assert status.hardware_id == "cuda:0"
+    assert status.level == DiagnosticStatus.OK
+    values = {kv.key: kv.value for kv in status.values}
+    assert values["model"] == "orcnn_demo" and values["device"] == "cuda:0"
+    assert values["dropped"] == "2" and values["rate_hz"] == "2.00"
+    assert float(values["latency_ms"]) == pytest.approx(42.0)
+    # The window forgets old frames; the counters do not.
+    now[0] = 200.0
+    snap = stats.snapshot()
+    assert snap["rate_hz"] == 0.0 and snap["processed"] == 5
+    error = conversions.diagnostics_msg(stamp, snap, "unconfigured", "", "none",
+                                        problem="cannot load the model: x")
+    assert error.status[0].level == DiagnosticStatus.ERROR
+    assert "cannot load" in error.status[0].message
+    inactive = conversions.diagnostics_msg(stamp, snap, "inactive", "m", "cpu")
+    assert inactive.status[0].level == DiagnosticStatus.OK
+
+
+# ------------------------------------------------------------------------- bag replay
+def tiny_model(path):
+    """An untrained, fast model; score threshold 0 makes it emit up to 20 detections."""
+    from orcnn_core.config import ModelConfig
+    from orcnn_core.model import build_model
+    from orcnn_core.weights import save_weights
+
+    import torch
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.small(
+        num_classes=3, class_names=["box", "can"], min_size=120, max_size=160,
+        fpn_channels=32, box_head_dim=64, mask_head_channels=32, rpn_pre_nms_top_n_test=50,
+        rpn_post_nms_top_n_test=20, box_detections_per_img=20, box_score_thresh=0.0)
+    save_weights(build_model(cfg), cfg, path)
+    return path
+
+
+def write_input_bag(path, frames, topic="/camera/image_raw"):
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    Img = store.types["sensor_msgs/msg/Image"]
+    Hdr = store.types["std_msgs/msg/Header"]
+    Stamp = store.types["builtin_interfaces/msg/Time"]
+    with Writer(path, version=9) as writer:
+        conn = writer.add_connection(topic, Img.__msgtype__, typestore=store)
+        other = writer.add_connection("/other", "std_msgs/msg/Header", typestore=store)
+        for k, (array, encoding) in enumerate(frames):
+            height, width = array.shape[:2]
+            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            msg = Img(header=Hdr(stamp=Stamp(sec=50 + k, nanosec=k), frame_id="cam"),
+                      height=height, width=width, encoding=encoding, is_bigendian=0,
+                      step=data.size // max(height, 1), data=data)
+            writer.write(conn, (50 + k) * 10**9, store.serialize_cdr(msg, Img.__msgtype__))
+            writer.write(other, (50 + k) * 10**9 + 1,
+                         store.serialize_cdr(Hdr(stamp=Stamp(sec=1, nanosec=0), frame_id="x"),
+                                             "std_msgs/msg/Header"))
+
+
+def test_bag_infer_writes_instance_arrays_and_overlays(tmp_path):
+    from orcnn_core.synth import SynthConfig, generate_samples
+    from orcnn_ros.bag_infer import main, make_typestore
+    from rosbags.rosbag2 import Reader
+
+    model = tiny_model(tmp_path / "tiny.safetensors")
+    scenes = [s.image for s in generate_samples(2, 3, SynthConfig(width=96, height=72))]
+    bad = np.zeros((4, 5, 3), np.uint8)
+    frames = [(scenes[0], "rgb8"), (bad, "yuv422"), (scenes[1][:, :, ::-1], "bgr8")]
+    bag = tmp_path / "in"
+    write_input_bag(bag, frames)
+    out = tmp_path / "out"
+    code = main(["--bag", str(bag), "--topic", "/camera/image_raw", "--out", str(out),
+                 "--model", str(model), "--device", "cpu", "--score-threshold", "0.0",
+                 "--max-instances", "7"])
+    assert code == 0
+    store = make_typestore()
+    with Reader(out) as reader:
+        topics = {c.topic: c.msgtype for c in reader.connections}
+        assert topics == {"/amodal_instances": "orcnn_ros/msg/AmodalInstanceArray",
+                          "/orcnn_perception/debug_image": "sensor_msgs/msg/Image"}
+        arrays, overlays = [], []
+        for conn, timestamp, data in reader.messages():
+            msg = store.deserialize_cdr(data, conn.msgtype)
+            (arrays if conn.topic == "/amodal_instances" else overlays).append(
+                (timestamp, msg))
+    # The malformed frame is skipped; the others keep their bag time and header.
+    assert [t for t, _ in arrays] == [50 * 10**9, 52 * 10**9]
+    assert [(m.header.stamp.sec, m.header.stamp.nanosec) for _, m in arrays] == \
+        [(50, 0), (52, 2)]
+    for _, msg in arrays:
+        assert (msg.image_width, msg.image_height) == (96, 72)
+        assert msg.model_name == "tiny"
+        assert 0 < len(msg.instances) <= 7
+        assert sorted(msg.pick_order.tolist()) == list(range(len(msg.instances)))
+        for inst in msg.instances:
+            assert inst.mask.data.size == inst.roi_width * inst.roi_height
+            assert inst.amodal_area == np.count_nonzero(inst.mask.data)
+    assert [t for t, _ in overlays] == [50 * 10**9, 52 * 10**9]
+    assert all((m.height, m.width, m.encoding) in ((72, 96, "rgb8"), (72, 96, "bgr8"))
+               for _, m in overlays)
+    # The bgr8 frame holds the same picture as an rgb8 one: same result as a bag with it.
+    bag2, out2 = tmp_path / "in2", tmp_path / "out2"
+    write_input_bag(bag2, [(scenes[1], "rgb8")])
+    assert main(["--bag", str(bag2), "--topic", "/camera/image_raw", "--out", str(out2),
+                 "--model", str(model), "--device", "cpu", "--score-threshold", "0.0",
+                 "--max-instances", "7", "--no-overlay"]) == 0
+    with Reader(out2) as reader:
+        assert [c.topic for c in reader.connections] == ["/amodal_instances"]
+        (conn, _, data), = list(reader.messages())
+        again = store.deserialize_cdr(data, conn.msgtype)
+    first = arrays[1][1]
+    assert [(i.roi_x, i.roi_y, i.mask.data.tobytes()) for i in again.instances] == \
+        [(i.roi_x, i.roi_y, i.mask.data.tobytes()) for i in first.instances]
+
+
+def test_bag_infer_command_line_errors(tmp_path, capsys):
+    from orcnn_ros.bag_infer import main
+
+    bag = tmp_path / "in"
+    write_input_bag(bag, [(np.zeros((8, 8, 3), np.uint8), "rgb8")])
+    model = tiny_model(tmp_path / "tiny.safetensors")
+    cases = [
+        (["--bag", str(bag), "--topic", "/nope", "--out", str(tmp_path / "o1")],
+         "no topic '/nope'"),
+        (["--bag", str(bag), "--topic", "/other", "--out", str(tmp_path / "o2")],
+         "std_msgs/msg/Header, not"),
+        (["--bag", str(bag), "--topic", "/camera/image_raw", "--out", str(bag)],
+         "exists already"),
+        (["--bag", str(tmp_path / "missing"), "--topic", "/x", "--out", str(tmp_path / "o3")],
+         "missing"),
+        (["--bag", str(bag), "--topic", "/camera/image_raw", "--out", str(tmp_path / "o4"),
+          "--score-threshold", "1.5"], "--score-threshold must be in [0, 1]"),
+    ]
+    for args, message in cases:
+        assert main(args + ["--model", str(model), "--device", "cpu"]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err, (args, err)
+    # As a program, from the repository root (where the source folder would shadow the
+    # built package), with a missing model.
+    result = subprocess.run([sys.executable, "-m", "orcnn_ros.bag_infer", "--bag", str(bag),
+                             "--topic", "/camera/image_raw", "--out", str(tmp_path / "o5"),
+                             "--model", str(tmp_path / "absent.safetensors")],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert "absent.safetensors: no such file" in result.stderr
+    assert "Traceback" not in result.stderr
