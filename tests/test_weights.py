@@ -1,0 +1,212 @@
+"""Weights files: safetensors round trip, refusal of bad files, COCO Mask R-CNN init."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+from orcnn_core.config import ModelConfig
+from orcnn_core.errors import InputError
+from orcnn_core.model import build_model
+from orcnn_core.predictor import Predictor
+from orcnn_core.weights import (
+    build_from_file,
+    init_from_maskrcnn_state_dict,
+    load_weights,
+    save_weights,
+)
+
+
+def tiny_config(**changes):
+    base = dict(min_size=64, max_size=64, num_classes=3, class_names=["red", "blue"],
+                fpn_channels=32, box_head_dim=64, mask_head_channels=16, mask_roi_size=7,
+                anchor_sizes=(8, 16, 24, 32, 48), rpn_pre_nms_top_n_test=50,
+                rpn_post_nms_top_n_test=20, box_detections_per_img=5, box_score_thresh=0.0)
+    base.update(changes)
+    return ModelConfig.small(**base)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny random model and its weights file."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = build_model(cfg).eval()
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_weights(model, cfg, path)
+    return model, cfg, path
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    model, cfg, path = saved
+    loaded_cfg, state = load_weights(path)
+    assert loaded_cfg == cfg
+    reference = model.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in state)
+
+    rebuilt = build_from_file(path)
+    assert not rebuilt.training
+    image = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = model([image])[0], rebuilt([image])[0]
+    assert len(a["boxes"]) > 0 and a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    image_np = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    p1, p2 = Predictor(model, device="cpu")(image_np), Predictor.from_file(path, "cpu")(image_np)
+    assert np.array_equal(p1.boxes, p2.boxes) and np.array_equal(p1.rois, p2.rois)
+    assert all(np.array_equal(c1, c2) for c1, c2 in zip(p1.crops, p2.crops))
+
+
+def test_pickle_is_refused_without_unpickling(saved, tmp_path):
+    model, _, _ = saved
+    path = tmp_path / "model.pth"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(InputError, match=rf"{path}: not a safetensors file .*pickle.*refusing"):
+        load_weights(path)
+
+    # A pickle that would create a file when unpickled: it must never run.
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(Payload(), protocol=4))
+    with pytest.raises(InputError, match="refusing to unpickle"):
+        load_weights(evil)
+    with pytest.raises(InputError, match="evil.safetensors"):
+        init_from_maskrcnn_state_dict(model, evil, verbose=False)
+    assert not marker.exists()
+
+
+def test_truncated_and_corrupt_files(saved, tmp_path):
+    _, _, path = saved
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=rf"{truncated}: truncated safetensors file"):
+        load_weights(truncated)
+    cut_header = tmp_path / "cut_header.safetensors"
+    cut_header.write_bytes(data[:40])
+    with pytest.raises(InputError, match=rf"{cut_header}: truncated"):
+        load_weights(cut_header)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a weights file at all" * 10)
+    with pytest.raises(InputError, match=rf"{garbage}: not a safetensors file"):
+        load_weights(garbage)
+    bad_json = tmp_path / "bad_json.safetensors"
+    header_len = int.from_bytes(data[:8], "little")
+    bad_json.write_bytes(data[:8] + b"{" + b"\x00" * (header_len - 1) + data[8 + header_len:])
+    with pytest.raises(InputError, match=rf"{bad_json}: corrupt safetensors header"):
+        load_weights(bad_json)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        load_weights(empty)
+    with pytest.raises(InputError, match="no such file"):
+        load_weights(tmp_path / "missing.safetensors")
+
+
+def test_missing_metadata_and_other_architecture(saved, tmp_path):
+    model, cfg, _ = saved
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    plain = tmp_path / "plain.safetensors"
+    save_file(state, str(plain))
+    with pytest.raises(InputError, match=rf"{plain}: safetensors file without ORCNN metadata"):
+        load_weights(plain)
+
+    def write(config, name):
+        path = tmp_path / name
+        metadata = {"format": "orcnn", "orcnn_config": json.dumps(config.to_dict())}
+        save_file(state, str(path), metadata=metadata)
+        return path
+
+    other = write(cfg.replace(variant="amodal_mrcnn"), "amodal.safetensors")
+    with pytest.raises(InputError, match=r"another architecture.*unexpected "
+                                         r"roi_heads\.visible_mask_head"):
+        load_weights(other)
+    classes = write(cfg.replace(num_classes=4, class_names=["a", "b", "c"]), "k4.safetensors")
+    with pytest.raises(InputError, match=r"wrong shape roi_heads\.box_predictor\.cls_score"):
+        load_weights(classes)
+    bad_cfg = tmp_path / "bad_cfg.safetensors"
+    save_file(state, str(bad_cfg), metadata={"format": "orcnn",
+                                             "orcnn_config": '{"backbone": "vgg"}'})
+    with pytest.raises(InputError, match=rf"{bad_cfg}: orcnn_config: backbone"):
+        load_weights(bad_cfg)
+    # Saving refuses a state that does not fit the config.
+    with pytest.raises(InputError, match="another architecture"):
+        save_weights(model, cfg.replace(class_agnostic_masks=True), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_init_from_torchvision_maskrcnn_state_dict(tmp_path, capsys):
+    """The paper's COCO initialisation, through a real torchvision Mask R-CNN file."""
+    torch.manual_seed(0)
+    source_model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)  # 91 classes
+    source = source_model.state_dict()
+    path = tmp_path / "maskrcnn_coco.pth"
+    torch.save(source, path)
+    del source_model
+
+    model = build_model(ModelConfig(num_classes=3, class_names=["a", "b"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = init_from_maskrcnn_state_dict(model, path)
+    after = model.state_dict()
+
+    for key in ("backbone.body.conv1.weight", "backbone.body.layer4.2.conv3.weight",
+                "backbone.fpn.layer_blocks.3.0.weight", "rpn.head.cls_logits.weight",
+                "roi_heads.box_head.fc7.weight"):
+        assert torch.equal(after[key], source[key]), key
+        assert key in report.loaded
+    for head in ("amodal", "visible"):
+        for suffix in ("_head.0.0.weight", "_head.3.0.bias", "_predictor.conv5_mask.weight"):
+            src_key = "roi_heads.mask" + suffix
+            assert torch.equal(after[f"roi_heads.{head}_mask{suffix}"], source[src_key])
+            assert (src_key, f"roi_heads.{head}_mask{suffix}") in report.copied
+    # Class-specific outputs (91 COCO classes vs 3) keep their fresh initialisation.
+    for key in ("roi_heads.box_predictor.cls_score.weight",
+                "roi_heads.box_predictor.bbox_pred.weight",
+                "roi_heads.amodal_mask_predictor.mask_fcn_logits.weight",
+                "roi_heads.visible_mask_predictor.mask_fcn_logits.weight"):
+        assert torch.equal(after[key], before[key]), key
+        assert key in report.initialised
+    skipped = dict(report.skipped)
+    assert "re-initialised" in skipped["roi_heads.box_predictor.cls_score.weight"]
+    assert "re-initialised" in skipped["roi_heads.mask_predictor.mask_fcn_logits.weight"]
+    # torchvision's untrained model uses BatchNorm; ORCNN freezes it (no batch counter).
+    assert skipped["backbone.body.bn1.num_batches_tracked"] == "not in this model"
+    printed = capsys.readouterr().out
+    assert f"init from {path}" in printed and "copied 20 keys" in printed
+    assert "roi_heads.mask_head.0.0.weight -> roi_heads.visible_mask_head.0.0.weight" in printed
+
+
+def test_init_accepts_safetensors_and_legacy_torchvision_names(tmp_path):
+    # torchvision's COCO_V1 download predates the current key names.
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    state = model.state_dict()
+    legacy = {
+        "roi_heads.mask_head.mask_fcn1.weight":
+            torch.randn_like(state["roi_heads.amodal_mask_head.0.0.weight"]),
+        "rpn.head.conv.weight": torch.randn_like(state["rpn.head.conv.0.0.weight"]),
+        "roi_heads.keypoint_head.weight": torch.zeros(3),
+    }
+    path = tmp_path / "legacy.safetensors"
+    save_file(legacy, str(path))
+    report = init_from_maskrcnn_state_dict(model, path, verbose=False)
+    after = model.state_dict()
+    src = legacy["roi_heads.mask_head.mask_fcn1.weight"]
+    assert torch.equal(after["roi_heads.amodal_mask_head.0.0.weight"], src)
+    assert torch.equal(after["roi_heads.visible_mask_head.0.0.weight"], src)
+    assert torch.equal(after["rpn.head.conv.0.0.weight"], legacy["rpn.head.conv.weight"])
+    assert report.loaded == ["rpn.head.conv.0.0.weight"]
+    assert dict(report.skipped) == {"roi_heads.keypoint_head.weight": "not in this model"}
