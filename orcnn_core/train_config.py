@@ -75,6 +75,8 @@ class TrainConfig:
     init_weights: str = ""
     # Take model.num_classes and model.class_names from the training data's categories.
     classes_from_data: bool = True
+    # Precision of the floating-point tensors in model_final.safetensors: float32 | float16.
+    weights_dtype: str = "float32"
     checkpoint_period: int = 500
     eval_period: int = 1000  # 0: evaluate only at the end
     log_period: int = 20
@@ -175,6 +177,8 @@ def validate(cfg: TrainConfig, where: str) -> TrainConfig:
         fail("solver.lr", f"must be > 0, got {s.lr}")
     if list(s.steps) != sorted(s.steps):
         fail("solver.steps", f"must be increasing, got {list(s.steps)}")
+    if cfg.weights_dtype not in ("float32", "float16"):
+        fail("weights_dtype", f"must be float32 or float16, got {cfg.weights_dtype!r}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         fail("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     for name in ("synth_train", "synth_val"):

@@ -422,7 +422,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         # DDP keeps the replicas' weights equal; each rank prints a digest to show it.
         print(f"rank {rank}: weights sha256 {state_digest(model)}", flush=True)
     if rank == 0:
-        weights = save_weights(model, cfg.model, out / FINAL_WEIGHTS)
+        weights = save_weights(model, cfg.model, out / FINAL_WEIGHTS,
+                               dtype=getattr(torch, cfg.weights_dtype))
         metrics = _evaluate_and_log(model, val_scenes, gt, device, writer, iteration, out)
         atomic_write_json(out / "metrics.json", metrics, indent=2)
         writer.close()

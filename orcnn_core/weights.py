@@ -38,16 +38,20 @@ _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
 # ---------------------------------------------------------------------------------- saving
-def save_weights(model_or_state, cfg: ModelConfig, path) -> Path:
+def save_weights(model_or_state, cfg: ModelConfig, path, dtype=None) -> Path:
     """Write the model's (or a state dict's) tensors and ``cfg`` to ``path`` atomically.
 
     The state must fit ``cfg`` (same keys and shapes as ``build_model(cfg)``): a file that
-    cannot rebuild its own model is refused here rather than at load time.
+    cannot rebuild its own model is refused here rather than at load time. ``dtype`` (e.g.
+    ``torch.float16``) stores the floating-point tensors at that precision to halve the
+    file; loading copies them back into the float32 model.
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) \
         else model_or_state
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _check_architecture(cfg, tensors, path)
     metadata = {
         "format": FORMAT,
