@@ -268,21 +268,6 @@ def test_pipeline_stats_and_diagnostics():
 
 
 # ------------------------------------------------------------------------- bag replay
-def tiny_model(path):
-    """An untrained, fast model; score threshold 0 makes it emit up to 20 detections."""
-    from orcnn_core.config import ModelConfig
-    from orcnn_core.model import build_model
-    from orcnn_core.weights import save_weights
-
-    import torch
-
-    torch.manual_seed(0)
-    cfg = ModelConfig.small(
-        num_classes=3, class_names=["box", "can"], min_size=120, max_size=160,
-        fpn_channels=32, box_head_dim=64, mask_head_channels=32, rpn_pre_nms_top_n_test=50,
-        rpn_post_nms_top_n_test=20, box_detections_per_img=20, box_score_thresh=0.0)
-    save_weights(build_model(cfg), cfg, path)
-    return path
 
 
 def write_input_bag(path, frames, topic="/camera/image_raw"):
@@ -308,12 +293,12 @@ def write_input_bag(path, frames, topic="/camera/image_raw"):
                                              "std_msgs/msg/Header"))
 
 
-def test_bag_infer_writes_instance_arrays_and_overlays(tmp_path):
+def test_bag_infer_writes_instance_arrays_and_overlays(tmp_path, tiny_model_path):
     from orcnn_core.synth import SynthConfig, generate_samples
     from orcnn_ros.bag_infer import main, make_typestore
     from rosbags.rosbag2 import Reader
 
-    model = tiny_model(tmp_path / "tiny.safetensors")
+    model = tiny_model_path
     scenes = [s.image for s in generate_samples(2, 3, SynthConfig(width=96, height=72))]
     bad = np.zeros((4, 5, 3), np.uint8)
     frames = [(scenes[0], "rgb8"), (bad, "yuv422"), (scenes[1][:, :, ::-1], "bgr8")]
@@ -364,12 +349,12 @@ def test_bag_infer_writes_instance_arrays_and_overlays(tmp_path):
         [(i.roi_x, i.roi_y, i.mask.data.tobytes()) for i in first.instances]
 
 
-def test_bag_infer_command_line_errors(tmp_path, capsys):
+def test_bag_infer_command_line_errors(tmp_path, capsys, tiny_model_path):
     from orcnn_ros.bag_infer import main
 
     bag = tmp_path / "in"
     write_input_bag(bag, [(np.zeros((8, 8, 3), np.uint8), "rgb8")])
-    model = tiny_model(tmp_path / "tiny.safetensors")
+    model = tiny_model_path
     cases = [
         (["--bag", str(bag), "--topic", "/nope", "--out", str(tmp_path / "o1")],
          "no topic '/nope'"),

@@ -13,16 +13,6 @@ ALL_MASK_LOSSES = {"loss_amodal_mask", "loss_visible_mask", "loss_invisible_mask
 BOX_RPN_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: with two, a process busy on the other core of a 2-core machine
-    makes OpenMP's waiting threads spin and a test run ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**changes):
     base = dict(min_size=64, max_size=64, num_classes=3, class_names=["red", "blue"],
                 fpn_channels=32, box_head_dim=64, mask_head_channels=16, mask_roi_size=7,

@@ -42,23 +42,6 @@ RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 SCENES = [s.image for s in generate_samples(3, 11, SynthConfig(width=WIDTH, height=HEIGHT))]
 
 
-def save_tiny_model(path):
-    """An untrained, fast model; score threshold 0 makes it emit up to 20 detections."""
-    import torch
-
-    from orcnn_core.config import ModelConfig
-    from orcnn_core.model import build_model
-    from orcnn_core.weights import save_weights
-
-    torch.manual_seed(0)
-    cfg = ModelConfig.small(
-        num_classes=3, class_names=["box", "can"], min_size=120, max_size=160,
-        fpn_channels=32, box_head_dim=64, mask_head_channels=32, rpn_pre_nms_top_n_test=50,
-        rpn_post_nms_top_n_test=20, box_detections_per_img=20, box_score_thresh=0.0)
-    save_weights(build_model(cfg), cfg, path)
-    return path
-
-
 class Harness:
     """A client node spun by the test thread, talking to nodes spun by a background
     executor of the same context."""
@@ -115,8 +98,8 @@ class Collector:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+def model_path(tiny_model_path):
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")

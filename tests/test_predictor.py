@@ -13,16 +13,6 @@ SIZE, PAD = 96, 16
 RED, BLUE = (230, 30, 30), (30, 50, 230)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: with two, a process busy on the other core of a 2-core machine
-    makes OpenMP's waiting threads spin and a test run ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ellipse(box, pad=PAD, size=SIZE):
     """Filled ellipse inscribed in ``box`` (image pixels) on the padded canvas, bool."""
     x0, y0, x1, y1 = box
