@@ -115,6 +115,8 @@ rows; our backbone is the small ResNet-18-FPN, not ResNet-101.
 | finding | in the paper | here |
 |---|---|---|
 {checks}
+AmodalMRCNN predicts no visible masks (visible := amodal inside the image), so its AP_IV50
+comes only from amodal parts outside the image, which count as hidden for every model.
 Short training on a small model leaves every figure noisy by a few points; a difference of
 one or two points here is no evidence either way. Per-variant metrics: `{args.output_dir}/*/
 metrics.json`.
