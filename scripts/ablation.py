@@ -55,8 +55,8 @@ def figures(metrics: dict) -> tuple:
 
 def orderings(rows: dict) -> list:
     """The paper's findings as (claim, holds in the paper, holds here) on AP figures."""
-    def col(name, i):
-        value = rows[name][i]
+    def col(table, name, i):
+        value = table[name][i]
         return float("nan") if value is None else value
 
     claims = [
@@ -99,10 +99,10 @@ def report(rows: dict, args, seconds: dict) -> str:
 Produced by `python scripts/ablation.py {' '.join(args.argv)}` ({total_min:.0f} min of
 training in all, one CPU thread per variant). Every variant is trained from scratch with
 the `synth_demo` configuration shortened to {args.iterations} iterations (same data order,
-schedule shape and seed), then
-evaluated on the same {args.val_images} held-out synthetic scenes (seed {args.val_seed}) with
-`orcnn_core.evaluation` (docs/evaluation.md). Figures in percent. The names keep the paper's
-rows; our backbone is the small ResNet-18-FPN, not ResNet-101.
+schedule shape and seed), then evaluated on the same {args.val_images} held-out synthetic
+scenes (seed {args.val_seed}) with `orcnn_core.evaluation` (docs/evaluation.md). Figures in
+percent. The names keep the paper's rows; our backbone is the small ResNet-18-FPN, not
+ResNet-101.
 
 ## Ours (synthetic scenes, ResNet-18-FPN from scratch, {args.iterations} iterations)
 
@@ -118,8 +118,8 @@ rows; our backbone is the small ResNet-18-FPN, not ResNet-101.
 AmodalMRCNN predicts no visible masks (visible := amodal inside the image), so its AP_IV50
 comes only from amodal parts outside the image, which count as hidden for every model.
 Short training on a small model leaves every figure noisy by a few points; a difference of
-one or two points here is no evidence either way. Per-variant metrics: `{args.output_dir}/*/
-metrics.json`.
+one or two points here is no evidence either way. Per-variant metrics:
+`{args.output_dir}/*/metrics.json`.
 """
 
 
