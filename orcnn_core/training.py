@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -420,7 +421,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     weights = None
     if world > 1:
         # DDP keeps the replicas' weights equal; each rank prints a digest to show it.
-        print(f"rank {rank}: weights sha256 {state_digest(model)}", flush=True)
+        # One write per line: the ranks share stdout, and print() writes text and newline
+        # separately, which lets two ranks' lines run together.
+        sys.stdout.write(f"rank {rank}: weights sha256 {state_digest(model)}\n")
+        sys.stdout.flush()
     if rank == 0:
         weights = save_weights(model, cfg.model, out / FINAL_WEIGHTS,
                                dtype=getattr(torch, cfg.weights_dtype))
