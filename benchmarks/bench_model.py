@@ -1,41 +1,50 @@
-"""ORCNN vs torchvision Mask R-CNN: inference and one training step, same run.
+"""ORCNN vs torchvision Mask R-CNN: inference, one training step and peak memory, same run.
 
 Both models get the same backbone, image size, proposal counts, heads and (copied) weights,
 so they find the same detections; ORCNN differs by its second (visible) mask head, the
-occlusion logits and its losses. Mask R-CNN's inference is torchvision's forward, which
-pastes every mask into the full image; ORCNN's forward returns 28 x 28 logits per box and
-its Predictor (also timed) turns them into label crops over each amodal box.
+occlusion logits and its losses. Mask R-CNN is stock torchvision: its inference pastes every
+mask into the full image. ORCNN's forward returns 28 x 28 logits per box and its Predictor
+(also timed) turns them into label crops over each amodal box. In eval mode ORCNN keeps its
+convolution weights channels-last on the CPU (see ``ORCNN.train``); the stock Mask R-CNN
+does not.
 
 Untrained models score every box alike, so the box score threshold is 0 and every image
 yields exactly ``--detections`` detections: the mask heads run on that many boxes, as they
 would on a scene with that many objects.
 
-    python benchmarks/bench_model.py                       # small preset, 320x240, CPU
+    python benchmarks/bench_model.py                       # small preset, 320x240
     python benchmarks/bench_model.py --preset paper --backbones resnet50_fpn --size 640x480
     python benchmarks/bench_model.py --backbones resnet18_fpn,mobilenet_v3_fpn,resnet50_fpn
 
-Prints a markdown table of medians (warm-up excluded) and the ORCNN / Mask R-CNN ratios;
+Rows: CPU float32 always; with a CUDA device also CUDA float32 and float16 / bfloat16
+(``torch.autocast``, training with a GradScaler for float16). Without a CUDA device the
+CUDA rows are printed as "not measured". Times are medians of ``--reps`` repetitions after
+``--warmup`` untimed ones; the repetitions alternate between the models so that load from
+other processes hits both alike; ratios are ORCNN / Mask R-CNN. Peak memory: on the CPU each
+model runs in a fresh process whose peak resident set (VmHWM, the ru_maxrss of the address
+space) is reset after set-up, so it counts what one inference or training step adds to the
+loaded model, allocator caches and oneDNN scratch buffers included (torch.profiler's
+profile_memory sees only tensor allocations, and one process running both models would
+report the larger of the two); on CUDA it is ``torch.cuda.max_memory_allocated``.
 ``--json PATH`` also writes the numbers. On a shared machine use ``--threads 1``: with two
 threads on two cores, another busy process makes OpenMP threads spin and timings explode.
 
-Measured (2-core CPU, --threads 1, 30 detections, inference ms ORCNN / Mask R-CNN):
+Measured: medians on a shared 2-core CPU (load average 3-4 from other processes, so
+absolute times are inflated and only the side-by-side ratios are comparable), --threads 1,
+--reps 9, 30 detections; ms ORCNN / Mask R-CNN (ratio):
 
-    small preset 320x240   resnet18_fpn 185 / 138 (1.34)  mobilenet_v3_fpn 113 / 77 (1.48)
-                           resnet50_fpn 272 / 218 (1.25)
-    small preset 320x240, 10 detections   resnet18_fpn 105 / 93 (1.13)
-    small preset 640x480   resnet18_fpn 370 / 340 (1.09)
-    paper preset 640x480   resnet50_fpn 1194 / 1067 (1.12)
-
-The difference is ORCNN's second mask head, as many FLOPs as Mask R-CNN's own mask head;
-it weighs most with small images and many detections. Training steps differ by 3-11 %.
+    MEASURED FIGURES GO HERE
 """
 
 import argparse
+import contextlib
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +61,7 @@ from torchvision.models.detection.mask_rcnn import (  # noqa: E402
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
 from orcnn_core.config import ModelConfig  # noqa: E402
+from orcnn_core.errors import InputError  # noqa: E402
 from orcnn_core.fileio import atomic_write_json  # noqa: E402
 from orcnn_core.model import build_backbone, build_model, roi_feature_names  # noqa: E402
 from orcnn_core.predictor import Predictor, resolve_device  # noqa: E402
@@ -59,6 +69,9 @@ from orcnn_core.predictor import Predictor, resolve_device  # noqa: E402
 # Anchor sizes (one per feature map) scaled for the image size: the 5-level FPN of the
 # ResNets, the 3 maps of torchvision's MobileNetV3 FPN.
 ANCHORS = {5: (16, 32, 64, 128, 256), 3: (32, 64, 128)}
+#: Precision name -> autocast dtype (None: plain float32).
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODELS = ("Mask R-CNN", "ORCNN")
 
 
 def bench_config(backbone, preset, width, height, detections, rpn_pre, rpn_post):
@@ -76,8 +89,9 @@ def bench_config(backbone, preset, width, height, detections, rpn_pre, rpn_post)
     return ModelConfig(**common)
 
 
-def build_maskrcnn(cfg: ModelConfig, orcnn) -> MaskRCNN:
-    """torchvision's Mask R-CNN with ORCNN's parts and weights (amodal head as mask head)."""
+def build_maskrcnn(cfg: ModelConfig, orcnn=None) -> MaskRCNN:
+    """torchvision's Mask R-CNN with ORCNN's parts; with ``orcnn`` also its weights (the
+    amodal head becomes the mask head)."""
     backbone = build_backbone(cfg)
     names = roi_feature_names(cfg)
     channels, width = backbone.out_channels, cfg.mask_head_channels
@@ -104,9 +118,10 @@ def build_maskrcnn(cfg: ModelConfig, orcnn) -> MaskRCNN:
         mask_head=MaskRCNNHeads(channels, (width,) * 4, 1),
         mask_predictor=MaskRCNNPredictor(width, width, cfg.mask_classes),
     )
-    state = {k.replace("amodal_mask_", "mask_"): v for k, v in orcnn.state_dict().items()
-             if "visible_mask_" not in k}
-    model.load_state_dict(state, strict=True)
+    if orcnn is not None:
+        state = {k.replace("amodal_mask_", "mask_"): v for k, v in orcnn.state_dict().items()
+                 if "visible_mask_" not in k}
+        model.load_state_dict(state, strict=True)
     return model
 
 
@@ -152,75 +167,191 @@ def median_ms(fns, reps, warmup, device):
     return [(statistics.median(t), min(t)) for t in times]
 
 
-def bench_backbone(backbone, args, device):
+def autocast(device, precision):
+    """The autocast context of a precision (none for fp32)."""
+    if PRECISIONS[precision] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def setup(backbone, args, device, names=MODELS):
+    """Image (numpy), its tensor and ``{name: (model, target)}`` for the named models. With
+    both, Mask R-CNN gets ORCNN's weights; alone, each is initialised from the same seed."""
     width, height = args.size
     cfg = bench_config(backbone, args.preset, width, height, args.detections, args.rpn_pre,
                        args.rpn_post)
     torch.manual_seed(0)
-    orcnn = build_model(cfg)
-    mrcnn = build_maskrcnn(cfg, orcnn)
-    orcnn.to(device)
-    mrcnn.to(device)
-    rng = np.random.default_rng(0)
-    image, target = synthetic_sample(width, height, rng)
+    orcnn = build_model(cfg) if "ORCNN" in names else None
+    mrcnn = build_maskrcnn(cfg, orcnn) if "Mask R-CNN" in names else None
+    image, target = synthetic_sample(width, height, np.random.default_rng(0))
     x = torch.from_numpy(image).permute(2, 0, 1).float().div(255).to(device)
     orcnn_target = {k: v.to(device) for k, v in target.items()}
     mrcnn_target = {"boxes": orcnn_target["boxes"], "labels": orcnn_target["labels"],
                     "masks": orcnn_target["amodal_masks"]}
     models = {"Mask R-CNN": (mrcnn, mrcnn_target), "ORCNN": (orcnn, orcnn_target)}
+    return image, x, {name: (models[name][0].to(device), models[name][1]) for name in names}
+
+
+def inference_fn(model, x, device, precision):
+    model.eval()
+
+    def infer():
+        with torch.inference_mode(), autocast(device, precision):
+            return model([x])
+    return infer
+
+
+def train_step_fn(model, x, target, device, precision):
+    """One SGD step (forward, backward, update); float16 scales the loss as training does."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                lr=1e-5, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step():
+        with autocast(device, precision):
+            losses = model([x], [target])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def cuda_peak_mb(fn):
+    """Peak CUDA memory (MB) allocated by tensors while ``fn`` runs once."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def _resident_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_probe(backbone, args, name, mode):
+    """Run in a fresh process: (resident MB after set-up, peak resident MB while running
+    ``mode`` ("inference" or "train") of model ``name`` warmup + 1 times, CPU float32)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    _, x, models = setup(backbone, args, cpu, names=(name,))  # only the measured model
+    model, target = models[name]
+    fn = (inference_fn(model, x, cpu, "fp32") if mode == "inference"
+          else train_step_fn(model, x, target, cpu, "fp32"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set (VmHWM) to the current one
+    before = _resident_mb("VmRSS")
+    for _ in range(max(args.warmup, 1) + 1):
+        fn()
+    return before, _resident_mb("VmHWM")
+
+
+def cpu_peak_mb(backbone, args, name, mode):
+    """``memory_probe`` in a fresh (spawned) process; None where /proc is unavailable."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        before, peak = pool.submit(memory_probe, backbone, args, name, mode).result()
+    return {"peak_mb": peak, "added_mb": peak - before}
+
+
+def bench_backbone(backbone, args, device, precision):
+    """Rows (one per model) for one backbone, device and precision."""
+    image, x, models = setup(backbone, args, device)
 
     # Inference: the two forwards and ORCNN's Predictor (image -> label crops).
-    predictor = Predictor(orcnn, device=device)
-    mrcnn.eval()
-    with torch.inference_mode():
-        detections = {name: len(m([x])[0]["boxes"]) for name, (m, _) in models.items()}
-        infer_mr, infer_or, pred = median_ms(
-            [lambda: mrcnn([x]), lambda: orcnn([x]), lambda: predictor(image)],
-            args.reps, args.warmup, device)
+    predictor = Predictor(models["ORCNN"][0], device=device)
+    infer = [inference_fn(model, x, device, precision) for model, _ in models.values()]
+    detections = {name: len(fn()[0]["boxes"]) for name, fn in zip(MODELS, infer)}
+
+    def predict():
+        with autocast(device, precision):
+            predictor(image)
+    infer_mr, infer_or, pred = median_ms(infer + [predict], args.reps, args.warmup, device)
+    infer_peak = [cuda_peak_mb(fn) if device.type == "cuda" else None for fn in infer]
 
     # One training step each (forward, backward, SGD update).
-    steps = []
-    for model, tgt in models.values():
-        model.train()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                    lr=1e-5, momentum=0.9)
-
-        def step(model=model, tgt=tgt, optimizer=optimizer):
-            losses = model([x], [tgt])
-            optimizer.zero_grad()
-            sum(losses.values()).backward()
-            optimizer.step()
-        steps.append(step)
+    steps = [train_step_fn(model, x, target, device, precision)
+             for model, target in models.values()]
     train_mr, train_or = median_ms(steps, args.reps, args.warmup, device)
+    train_peak = [cuda_peak_mb(fn) if device.type == "cuda" else None for fn in steps]
 
     rows = []
-    for name, infer, pred_ms, train in (("Mask R-CNN", infer_mr, None, train_mr),
-                                        ("ORCNN", infer_or, pred, train_or)):
+    for i, (name, infer_ms, pred_ms, train_ms) in enumerate(
+            (("Mask R-CNN", infer_mr, None, train_mr), ("ORCNN", infer_or, pred, train_or))):
+        if device.type == "cpu" and args.memory:
+            cpu_infer = cpu_peak_mb(backbone, args, name, "inference")
+            cpu_train = cpu_peak_mb(backbone, args, name, "train")
+            infer_peak[i] = cpu_infer and cpu_infer["peak_mb"]
+            train_peak[i] = cpu_train and cpu_train["peak_mb"]
+            extra = {"inference_added_mb": cpu_infer and cpu_infer["added_mb"],
+                     "train_added_mb": cpu_train and cpu_train["added_mb"],
+                     "memory_method": "VmHWM of a fresh process, reset after set-up"}
+        else:
+            extra = {"memory_method": "torch.cuda.max_memory_allocated"
+                     if device.type == "cuda" else None}
         rows.append({
             "model": name, "backbone": backbone, "preset": args.preset,
-            "image": f"{width}x{height}", "detections": detections[name],
-            "inference_ms": infer[0], "inference_min_ms": infer[1],
+            "image": f"{args.size[0]}x{args.size[1]}", "detections": detections[name],
+            "device": device.type, "precision": precision, "measured": True,
+            "inference_ms": infer_ms[0], "inference_min_ms": infer_ms[1],
             "predictor_ms": pred_ms[0] if pred_ms else None,
-            "train_step_ms": train[0], "train_step_min_ms": train[1],
+            "train_step_ms": train_ms[0], "train_step_min_ms": train_ms[1],
             "params_m": sum(p.numel() for p in models[name][0].parameters()) / 1e6,
-            "inference_ratio": infer[0] / infer_mr[0], "train_ratio": train[0] / train_mr[0],
+            "inference_peak_mb": infer_peak[i], "train_peak_mb": train_peak[i],
+            "inference_ratio": infer_ms[0] / infer_mr[0], "train_ratio": train_ms[0] / train_mr[0],
+            **extra,
         })
     return rows
 
 
-def print_table(rows, device, threads, load):
-    print(f"\ndevice {device} ({platform.processor() or platform.machine()}), torch "
-          f"{torch.__version__}, {threads} threads, load average {load[0]:.1f} before / "
-          f"{load[1]:.1f} after; medians in ms\n")
-    print("| model | backbone | preset | image | dets | inference | predictor | train step "
-          "| params (M) | inference ratio | train ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def not_measured(backbone, args, precision, reason):
+    """One row standing for both models of a configuration that was not run."""
+    return [{"model": " / ".join(MODELS), "backbone": backbone, "preset": args.preset,
+             "image": f"{args.size[0]}x{args.size[1]}", "device": "cuda",
+             "precision": precision, "measured": False, "reason": reason}]
+
+
+def _num(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _memory(row, mode):
+    """Peak MB, with what the run added to the loaded model where known: "812 (+55)"."""
+    peak, added = row[f"{mode}_peak_mb"], row.get(f"{mode}_added_mb")
+    return _num(peak, 0) + ("" if added is None else f" (+{added:.0f})")
+
+
+def print_table(rows, threads, load):
+    print(f"\n{platform.processor() or platform.machine()} CPU, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}"
+          f", torch {torch.__version__}, {threads} CPU threads, load average {load[0]:.1f} "
+          f"before / {load[1]:.1f} after; medians in ms; peak memory in MB (CPU: resident "
+          f"set of the process, + what the run added to the loaded model)\n")
+    print("| model | backbone | preset | image | dets | device | inference | predictor "
+          "| train step | params (M) | peak mem inference | peak mem train "
+          "| inference ratio | train ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        pred = f"{r['predictor_ms']:.1f}" if r["predictor_ms"] is not None else "-"
+        where = f"{r['device']} {r['precision']}"
+        if not r["measured"]:
+            print(f"| {r['model']} | {r['backbone']} | {r['preset']} | {r['image']} | - | "
+                  f"{where} | not measured ({r['reason']}) | | | | | | | |")
+            continue
         print(f"| {r['model']} | {r['backbone']} | {r['preset']} | {r['image']} | "
-              f"{r['detections']} | {r['inference_ms']:.1f} | {pred} | "
-              f"{r['train_step_ms']:.1f} | {r['params_m']:.1f} | {r['inference_ratio']:.2f} | "
-              f"{r['train_ratio']:.2f} |")
+              f"{r['detections']} | {where} | {r['inference_ms']:.1f} | "
+              f"{_num(r['predictor_ms'])} | {r['train_step_ms']:.1f} | {r['params_m']:.1f} | "
+              f"{_memory(r, 'inference')} | {_memory(r, 'train')} | "
+              f"{r['inference_ratio']:.2f} | {r['train_ratio']:.2f} |")
 
 
 def parse_size(text):
@@ -248,25 +379,53 @@ def main(argv=None):
                         help="RPN proposals after NMS at test (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto",
+                        help="auto: CPU, and CUDA when available; cpu: CPU only; cuda: CPU "
+                             "and CUDA (default: %(default)s)")
+    parser.add_argument("--gpu-precisions", default="fp32,fp16,bf16",
+                        help="comma-separated CUDA precisions of fp32, fp16, bf16 "
+                             "(default: %(default)s)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the CPU peak-memory processes")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
+    precisions = [p.strip() for p in args.gpu_precisions.split(",")]
+    problems = [f"--gpu-precisions: unknown precision {p!r} (fp32, fp16, bf16)"
+                for p in precisions if p not in PRECISIONS]
+    problems += [f"--{name}: must be >= {low}, got {getattr(args, name)}"
+                 for name, low in (("reps", 1), ("warmup", 0), ("detections", 1))
+                 if getattr(args, name) < low]
+    if args.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device: must be auto, cpu or cuda, got {args.device!r}")
+    if problems:
+        parser.error("; ".join(problems))  # exits 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        cuda = None if args.device == "cpu" else resolve_device(args.device)
+    except InputError as exc:
+        parser.error(str(exc))
     rows = []
     # Other processes on the machine distort CPU timings; the load average shows how much.
     load_before = os.getloadavg()[0]
     for backbone in args.backbones.split(","):
-        rows += bench_backbone(backbone.strip(), args, device)
+        backbone = backbone.strip()
+        rows += bench_backbone(backbone, args, torch.device("cpu"), "fp32")
+        for precision in precisions:
+            if cuda is None or cuda.type != "cuda":
+                rows += not_measured(backbone, args, precision, "no CUDA device")
+            elif precision == "bf16" and not torch.cuda.is_bf16_supported():
+                rows += not_measured(backbone, args, precision, "no bfloat16 on this GPU")
+            else:
+                rows += bench_backbone(backbone, args, cuda, precision)
         print(f"done {backbone}", file=sys.stderr)
     load = (load_before, os.getloadavg()[0])
-    print_table(rows, device, torch.get_num_threads(), load)
+    print_table(rows, torch.get_num_threads(), load)
     if args.json:
-        atomic_write_json(args.json, {"device": str(device),
-                                      "threads": torch.get_num_threads(), "load_average": load,
-                                      "torch": torch.__version__, "rows": rows}, indent=2)
+        atomic_write_json(args.json, {"threads": torch.get_num_threads(),
+                                      "load_average": load, "torch": torch.__version__,
+                                      "rows": rows}, indent=2)
     return 0
 
 

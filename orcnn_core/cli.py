@@ -10,6 +10,9 @@ import sys
 from orcnn_core import __version__
 from orcnn_core.errors import InputError
 
+BACKEND_HELP = ("inference back-end: eager (default), torchscript, onnxruntime, tensorrt "
+                "(CUDA); the last three build a graph per image size (seconds each)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -90,6 +93,7 @@ def _add_evaluate_parser(subparsers) -> None:
     model.add_argument("--score-thresh", type=float, metavar="S",
                        help="score threshold (default: the model's)")
     model.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    model.add_argument("--backend", metavar="NAME", help=BACKEND_HELP)
     sub.add_argument("--out", metavar="METRICS.json",
                      help="write the metrics here as JSON (atomically)")
     sub.set_defaults(run=_run_evaluate)
@@ -98,7 +102,8 @@ def _add_evaluate_parser(subparsers) -> None:
 def _run_evaluate(args) -> int:
     file_form = {"--gt": args.gt, "--predictions": args.predictions}
     model_form = {"--weights": args.weights, "--data": args.data, "--images": args.images,
-                  "--score-thresh": args.score_thresh, "--device": args.device}
+                  "--score-thresh": args.score_thresh, "--device": args.device,
+                  "--backend": args.backend}
     given_file = [k for k, v in file_form.items() if v is not None]
     given_model = [k for k, v in model_form.items() if v is not None]
     if given_file and given_model:
@@ -141,6 +146,7 @@ def _add_predict_parser(subparsers) -> None:
     sub.add_argument("--score-thresh", type=float, metavar="S",
                      help="score threshold (default: the model's)")
     sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sub.add_argument("--backend", default="eager", metavar="NAME", help=BACKEND_HELP)
     sub.set_defaults(run=_run_predict)
 
 

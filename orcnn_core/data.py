@@ -29,7 +29,16 @@ import pycocotools.mask as mask_utils
 
 from orcnn_core.errors import InputError
 from orcnn_core.fileio import atomic_write_json
-from orcnn_core.masks import decode, encode, rle_size, to_rle
+from orcnn_core.masks import (
+    MAX_CANVAS_SIDE,
+    check_canvas,
+    decode,
+    encode,
+    is_number,
+    rle_size,
+    short_repr,
+    to_rle,
+)
 
 FORMATS = ("d2s_amodal", "cocoa", "kins", "coco")
 
@@ -227,6 +236,8 @@ def load_dataset(path, images_dir=None, fmt: str = "auto") -> AmodalDataset:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{src}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{src}: JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise InputError(f"{src}: top level must be a JSON object")
     for key in ("images", "annotations"):
@@ -285,7 +296,8 @@ def _get_int(entry, key, where, minimum=None):
     value = _get(entry, key, where)
     if not _is_int(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
-        raise InputError(f"{where}: '{key}' must be an integer{bound}, got {value!r}")
+        raise InputError(f"{where}: '{key}' must be an integer{bound}, got "
+                         f"{short_repr(value)}")
     return int(value)
 
 
@@ -312,8 +324,9 @@ def _parse_images(entries, src) -> dict:
         padding = None
         if "mask_padding" in entry:
             padding = _get_int(entry, "mask_padding", where, minimum=0)
-        images[image_id] = _Image(image_id, file_name, _get_int(entry, "height", where, 1),
-                                  _get_int(entry, "width", where, 1), padding)
+        height, width = _get_int(entry, "height", where, 1), _get_int(entry, "width", where, 1)
+        check_canvas(height, width, padding or 0, where)
+        images[image_id] = _Image(image_id, file_name, height, width, padding)
     return images
 
 
@@ -397,11 +410,11 @@ def _first_key(entry, keys, where, required):
 
 def _check_bbox(bbox, where):
     if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
-                       and np.isfinite(v) for v in bbox)
+            or not all(is_number(v, 2 * MAX_CANVAS_SIDE) for v in bbox)
             or bbox[2] < 0 or bbox[3] < 0):
         raise InputError(f"{where}: a box must be [x, y, width, height] with width, "
-                         f"height >= 0, got {bbox!r}")
+                         f"height >= 0 (each at most {2 * MAX_CANVAS_SIDE} in size), got "
+                         f"{short_repr(bbox)}")
     x, y, w, h = (float(v) for v in bbox)
     return [x, y, x + w, y + h]
 

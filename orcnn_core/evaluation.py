@@ -17,7 +17,6 @@ matrices, so ``AP_A``/``AP_V`` equal pycocotools' segm AP on the same masks.
 import contextlib
 import io
 import json
-import math
 import numbers
 from collections import defaultdict
 
@@ -80,6 +79,8 @@ def load_json(path, what: str):
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON (line {exc.lineno} col {exc.colno}: "
                          f"{exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
 
 
 def _is_int(value) -> bool:
@@ -96,7 +97,8 @@ def _need_int(obj: dict, key: str, where: str, minimum=None) -> int:
     value = _need(obj, key, where)
     if not _is_int(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
-        raise InputError(f"{where}: '{key}' must be an integer{bound}, got {value!r}")
+        raise InputError(f"{where}: '{key}' must be an integer{bound}, got "
+                         f"{masks.short_repr(value)}")
     return int(value)
 
 
@@ -113,9 +115,10 @@ def _check_bbox(obj: dict, where: str) -> None:
     if box is None:
         return
     if (not isinstance(box, list) or len(box) != 4
-            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
-                       and math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0):
-        raise InputError(f"{where}: 'bbox' must be [x, y, width, height], got {box!r}")
+            or not all(masks.is_number(v, 2 * masks.MAX_CANVAS_SIDE) for v in box)
+            or box[2] < 0 or box[3] < 0):
+        raise InputError(f"{where}: 'bbox' must be [x, y, width, height] (each at most "
+                         f"{2 * masks.MAX_CANVAS_SIDE} in size), got {masks.short_repr(box)}")
 
 
 def _image_padding(image: dict, anns: list, name: str) -> int:
@@ -157,8 +160,9 @@ def _read_images(gt: dict, name: str) -> dict:
         padding = image.get("mask_padding")
         if padding is not None and (not _is_int(padding) or padding < 0):
             raise InputError(f"{where}: 'mask_padding' must be an integer >= 0")
-        images[image_id] = {"id": image_id, "height": _need_int(image, "height", where, 1),
-                            "width": _need_int(image, "width", where, 1),
+        height, width = _need_int(image, "height", where, 1), _need_int(image, "width", where, 1)
+        masks.check_canvas(height, width, padding or 0, where)
+        images[image_id] = {"id": image_id, "height": height, "width": width,
                             "mask_padding": padding}
     return images
 
@@ -323,9 +327,9 @@ def _read_predictions(predictions, images: dict, categories, name: str):
         if category_id not in categories:
             raise InputError(f"{where}: category_id {category_id} is not in the ground truth")
         score = _need(pred, "score", where)
-        if (not isinstance(score, numbers.Real) or isinstance(score, bool)
-                or not math.isfinite(score)):
-            raise InputError(f"{where}: 'score' must be a finite number, got {score!r}")
+        if not masks.is_number(score):
+            raise InputError(f"{where}: 'score' must be a finite number, got "
+                             f"{masks.short_repr(score)}")
         _check_bbox(pred, where)
         image = images[image_id]
         amodal = _prediction_rle(_need(pred, "segmentation", where), image,

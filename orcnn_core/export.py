@@ -37,8 +37,9 @@ import torch
 from orcnn_core.errors import InputError
 from orcnn_core.fileio import atomic_write_bytes
 
-__all__ = ["FixedSizeORCNN", "ExportCheckError", "ExportReport", "export_onnx", "run_export",
-           "OUTPUT_NAMES", "TOLERANCES", "MIN_OPSET", "MAX_OPSET", "DEFAULT_OPSET"]
+__all__ = ["FixedSizeORCNN", "ExportCheckError", "ExportReport", "export_onnx",
+           "export_onnx_checked", "run_export", "OUTPUT_NAMES", "TOLERANCES", "MIN_OPSET",
+           "MAX_OPSET", "DEFAULT_OPSET"]
 
 OUTPUT_NAMES = ("boxes", "labels", "scores", "amodal_mask_logits", "visible_mask_logits")
 #: Largest allowed |torch - onnxruntime| per output (labels and the detection count must be
@@ -164,6 +165,17 @@ def export_onnx(model, path, height: int, width: int, opset: int = DEFAULT_OPSET
     :class:`ExportCheckError` is raised and nothing is written. ``tolerances`` overrides
     some of :data:`TOLERANCES`. Returns the check's report.
     """
+    data, report, _session = export_onnx_checked(model, height, width, opset, check_image,
+                                                 tolerances)
+    atomic_write_bytes(path, data)
+    return report
+
+
+def export_onnx_checked(model, height: int, width: int, opset: int = DEFAULT_OPSET,
+                        check_image=None, tolerances=None):
+    """:func:`export_onnx` without the file: ``(graph bytes, report, session)``, where
+    ``session`` is the CPU onnxruntime session the check ran (reusable for inference).
+    Raises :class:`ExportCheckError` when the check fails."""
     import onnx
     import onnxruntime
 
@@ -208,8 +220,7 @@ def export_onnx(model, path, height: int, width: int, opset: int = DEFAULT_OPSET
     _compare(expected, actual, report, report.tolerances)
     if not report.ok:
         raise ExportCheckError(report)
-    atomic_write_bytes(path, data)
-    return report
+    return data, report, session
 
 
 # ------------------------------------------------------------------------------- CLI

@@ -2,14 +2,21 @@
 
 Every function that reads user data takes ``where`` (e.g. ``"gt.json: annotation 7:
 visible_mask"``) so that a bad mask fails with one :class:`InputError` naming its place.
+User data is checked here before pycocotools sees it: its C code trusts its input (a
+polygon point at 1e300 or a canvas of 10^9 x 10^9 pixels crash or exhaust memory).
 """
 
+import math
 import numbers
 
 import numpy as np
 import pycocotools.mask as mask_utils
 
 from orcnn_core.errors import InputError
+
+#: Largest canvas side (image side + 2 x mask padding) accepted from a file. Keeps every
+#: RLE run within pycocotools' 32-bit counts and a decoded mask within 1 GiB.
+MAX_CANVAS_SIDE = 32768
 
 
 def encode(mask: np.ndarray) -> dict:
@@ -27,12 +34,41 @@ def decode(rle: dict) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
+def is_number(value, limit=None) -> bool:
+    """A finite int or float (not bool), of magnitude at most ``limit`` when given. JSON
+    ints have no size limit, so this never raises (``math.isfinite(10**400)`` would)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        if not math.isfinite(value):
+            return False
+    except OverflowError:
+        return False
+    return limit is None or abs(value) <= limit
+
+
+def check_canvas(height: int, width: int, padding: int, where: str) -> None:
+    """An image of ``height`` x ``width`` pixels with ``padding`` must fit
+    :data:`MAX_CANVAS_SIDE` (the values are known to be integers >= their minimum)."""
+    for name, side in (("height", height), ("width", width)):
+        if side + 2 * padding > MAX_CANVAS_SIDE:
+            raise InputError(f"{where}: {name} {side} with mask padding {padding} exceeds "
+                             f"the largest canvas side, {MAX_CANVAS_SIDE} pixels")
+
+
 def _check_size(size, where):
     if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
-                       for v in size)):
-        raise InputError(f"{where}: RLE 'size' must be [height, width], got {size!r}")
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                       and 0 <= v <= MAX_CANVAS_SIDE for v in size)):
+        raise InputError(f"{where}: RLE 'size' must be [height, width] (at most "
+                         f"{MAX_CANVAS_SIDE} each), got {short_repr(size)}")
     return int(size[0]), int(size[1])
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """repr() of user data, cut to ``limit`` characters for a short one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + " ...)"
 
 
 def _compressed_counts(raw: bytes, where: str) -> list:
@@ -97,7 +133,10 @@ def to_rle(segm, height: int, width: int, where: str, polygon_offset: int = 0) -
             rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts},
                                          height, width)
         elif isinstance(counts, (str, bytes)):
-            raw = counts.encode("latin-1") if isinstance(counts, str) else counts
+            try:
+                raw = counts.encode("ascii") if isinstance(counts, str) else counts
+            except UnicodeEncodeError:
+                raise InputError(f"{where}: corrupt RLE counts (not ASCII)") from None
             runs = _compressed_counts(raw, where)
             if any(r < 0 for r in runs) or sum(runs) != height * width:
                 raise InputError(f"{where}: corrupt RLE counts (runs do not cover the "
@@ -113,14 +152,21 @@ def to_rle(segm, height: int, width: int, where: str, polygon_offset: int = 0) -
             raise InputError(f"{where}: empty polygon list")
         polygons = []
         for poly in segm:
-            if (not isinstance(poly, list) or len(poly) % 2
-                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
-                               and np.isfinite(v) for v in poly)):
+            if not isinstance(poly, list) or len(poly) % 2 or not all(map(is_number, poly)):
                 raise InputError(f"{where}: a polygon must be a flat list of x, y numbers")
             if len(poly) < 6:
                 raise InputError(f"{where}: polygon with {len(poly) // 2} points "
                                  f"(at least 3 needed)")
-            polygons.append([float(v) + polygon_offset for v in poly])
+            shifted = [float(v) + polygon_offset for v in poly]
+            # pycocotools rasterises the outline point by point in int coordinates: far
+            # points overflow or allocate without bound. One canvas size beyond the canvas
+            # is far more than any amodal extent.
+            for x, y in zip(shifted[0::2], shifted[1::2]):
+                if not (-width <= x <= 2 * width and -height <= y <= 2 * height):
+                    raise InputError(f"{where}: polygon point ({x - polygon_offset:g}, "
+                                     f"{y - polygon_offset:g}) lies more than a canvas size "
+                                     f"outside the {height} x {width} canvas")
+            polygons.append(shifted)
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
         return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
     raise InputError(f"{where}: segmentation must be an RLE dict or a list of polygons, "

@@ -67,41 +67,90 @@ class OcclusionGraph:
         return self.edges[self.edges[:, 1] == index, 0]
 
 
+#: Window pixels compared in one batch: bounds the temporary index arrays (8 bytes per pixel
+#: each) when many large boxes overlap.
+BATCH_PIXELS = 1 << 20
+
+
 def pair_overlaps(rois: np.ndarray, crops: list):
     """Overlap of each instance's visible part with every other instance's hidden part.
 
-    Returns ``(pairs int64 [P, 2], pixels int64 [P])`` for the ordered pairs ``(a, b)``,
-    ``a != b``, whose rois intersect and where a's visible pixels cover some of b's hidden
-    pixels (``pixels > 0``).
+    ``rois`` int [N, 4] ``(x, y, width, height)``; ``crops`` N arrays [height, width] with
+    1 visible, 2 hidden (other values count as background). Returns
+    ``(pairs int64 [P, 2], pixels int64 [P])`` for the ordered pairs ``(a, b)``, ``a != b``,
+    whose rois intersect and where a's visible pixels cover some of b's hidden pixels
+    (``pixels > 0``): for the intersecting pairs ``a < b`` in row-major order, ``(a, b)``
+    then ``(b, a)``. Raises :class:`InputError` when a crop's shape is not its roi's.
+
+    All intersection windows are compared at once (numpy gathers over the windows' pixels,
+    no Python loop over pairs), :data:`BATCH_PIXELS` window pixels at a time.
     """
     rois = np.asarray(rois, np.int64).reshape(-1, 4)
     n = rois.shape[0]
+    if len(crops) != n:
+        raise InputError(f"crops: {len(crops)} crops for {n} rois")
+    x0, y0, width, height = (rois[:, k] for k in range(4))
+    shapes = [np.shape(c) for c in crops]
+    if shapes != list(zip(height.tolist(), width.tolist())):
+        i = next(i for i, s in enumerate(shapes) if s != (height[i], width[i]))
+        raise InputError(f"crops[{i}]: shape {shapes[i]} is not the roi's height x width "
+                         f"{height[i]} x {width[i]}")
+    empty = (np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
     if n < 2:
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
-    x0, y0 = rois[:, 0], rois[:, 1]
-    x1, y1 = x0 + rois[:, 2], y0 + rois[:, 3]
+        return empty
+    x1, y1 = x0 + width, y0 + height
     # Intersection of every pair of boxes at once; only intersecting pairs are compared.
     ix0 = np.maximum(x0[:, None], x0[None, :])
     iy0 = np.maximum(y0[:, None], y0[None, :])
     ix1 = np.minimum(x1[:, None], x1[None, :])
     iy1 = np.minimum(y1[:, None], y1[None, :])
-    a_idx, b_idx = np.nonzero(np.triu((ix1 > ix0) & (iy1 > iy0), k=1))
-    visible = [c == VISIBLE for c in crops]
-    hidden = [c == HIDDEN for c in crops]
-    pairs, pixels = [], []
-    for a, b in zip(a_idx.tolist(), b_idx.tolist()):
-        wx0, wy0, wx1, wy1 = ix0[a, b], iy0[a, b], ix1[a, b], iy1[a, b]
-        wa = (slice(wy0 - y0[a], wy1 - y0[a]), slice(wx0 - x0[a], wx1 - x0[a]))
-        wb = (slice(wy0 - y0[b], wy1 - y0[b]), slice(wx0 - x0[b], wx1 - x0[b]))
-        a_on_b = int(np.count_nonzero(visible[a][wa] & hidden[b][wb]))
-        b_on_a = int(np.count_nonzero(visible[b][wb] & hidden[a][wa]))
-        if a_on_b:
-            pairs.append((a, b))
-            pixels.append(a_on_b)
-        if b_on_a:
-            pairs.append((b, a))
-            pixels.append(b_on_a)
-    return np.asarray(pairs, np.int64).reshape(-1, 2), np.asarray(pixels, np.int64)
+    a, b = np.nonzero(np.triu((ix1 > ix0) & (iy1 > iy0), k=1))
+    if not a.size:
+        return empty
+    wx0, wy0 = ix0[a, b], iy0[a, b]
+    win_w, win_h = ix1[a, b] - wx0, iy1[a, b] - wy0
+    # Every crop in one flat array, relabelled 1 visible, 2 hidden, 0 anything else.
+    flat = np.concatenate([np.asarray(c).reshape(-1) for c in crops])
+    labels = (flat == VISIBLE).astype(np.uint8)
+    labels[flat == HIDDEN] = HIDDEN
+    sizes = width * height
+    offsets = np.cumsum(sizes) - sizes
+    # Flat position of each window's top-left pixel in a's crop and in b's crop.
+    corner_a = offsets[a] + (wy0 - y0[a]) * width[a] + (wx0 - x0[a])
+    corner_b = offsets[b] + (wy0 - y0[b]) * width[b] + (wx0 - x0[b])
+    counts = np.empty((a.size, 2), np.int64)
+    batch = np.cumsum(win_w * win_h) // BATCH_PIXELS
+    cuts = [0, *(np.flatnonzero(np.diff(batch)) + 1).tolist(), a.size]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        counts[lo:hi] = _window_overlaps(labels, corner_a[lo:hi], width[a[lo:hi]],
+                                         corner_b[lo:hi], width[b[lo:hi]],
+                                         win_w[lo:hi], win_h[lo:hi])
+    pairs = np.stack([np.stack([a, b], 1), np.stack([b, a], 1)], 1).reshape(-1, 2)
+    pixels = counts.reshape(-1)
+    keep = pixels > 0
+    return pairs[keep].astype(np.int64), pixels[keep]
+
+
+def _window_overlaps(labels, corner_a, width_a, corner_b, width_b, win_w, win_h):
+    """Overlap counts in W windows, each a ``win_h x win_w`` region at flat position
+    ``corner_a`` of a crop ``width_a`` wide and at ``corner_b`` of one ``width_b`` wide
+    (all int64 [W]; ``labels`` the flat crops). Returns int64 [W, 2]: (a's visible on b's
+    hidden, b's visible on a's hidden)."""
+    # One entry per window row: where the row starts in both crops and in the output.
+    row_window = np.repeat(np.arange(win_h.size), win_h)
+    first_row = np.cumsum(win_h) - win_h
+    row = np.arange(row_window.size) - first_row[row_window]
+    row_len = win_w[row_window]
+    out_start = np.cumsum(row_len) - row_len
+    shift_a = corner_a[row_window] + row * width_a[row_window] - out_start
+    shift_b = corner_b[row_window] + row * width_b[row_window] - out_start
+    out = np.arange(int(out_start[-1] + row_len[-1]))
+    code = labels[out + np.repeat(shift_a, row_len)] * np.uint8(3) \
+        + labels[out + np.repeat(shift_b, row_len)]
+    window_start = np.cumsum(win_w * win_h) - win_w * win_h
+    return np.stack([np.add.reduceat(code == 3 * VISIBLE + HIDDEN, window_start, dtype=np.int64),
+                     np.add.reduceat(code == 3 * HIDDEN + VISIBLE, window_start, dtype=np.int64)],
+                    1)
 
 
 def _check_thresholds(min_overlap_pixels, min_overlap_ratio) -> None:
@@ -160,18 +209,43 @@ def _cyclic_components(n: int, edges: list) -> np.ndarray:
 
 def _break_cycles(n: int, edges: list, pixels: list, ratios: list):
     """Drop the weakest edge lying on a cycle until none is left; returns (kept, dropped)
-    as lists of positions into ``edges``."""
-    alive = list(range(len(edges)))
+    as lists of positions into ``edges``, dropped in the order they were dropped.
+
+    One pass instead of finding the cycles again after every drop: removing an edge never
+    puts another edge on a cycle, so the edges on a cycle at the start, visited weakest
+    first, are exactly the candidates, and each is dropped when it still lies on a cycle
+    (its occludee still reaches its occluder).
+    """
+    comp = _cyclic_components(n, edges)
+    on_cycle = sorted((k for k, (a, b) in enumerate(edges) if comp[a] == comp[b]),
+                      key=lambda k: (pixels[k], ratios[k], edges[k]))
+    if not on_cycle:
+        return list(range(len(edges))), []
+    succ = [set() for _ in range(n)]
+    for a, b in edges:
+        succ[a].add(b)
     dropped = []
-    while alive:
-        comp = _cyclic_components(n, [edges[k] for k in alive])
-        on_cycle = [k for k in alive if comp[edges[k][0]] == comp[edges[k][1]]]
-        if not on_cycle:
-            break
-        weakest = min(on_cycle, key=lambda k: (pixels[k], ratios[k], edges[k]))
-        alive.remove(weakest)
-        dropped.append(weakest)
-    return alive, dropped
+    for k in on_cycle:
+        a, b = edges[k]
+        if _reaches(succ, b, a):
+            succ[a].discard(b)
+            dropped.append(k)
+    gone = set(dropped)
+    return [k for k in range(len(edges)) if k not in gone], dropped
+
+
+def _reaches(succ: list, start: int, goal: int) -> bool:
+    """Whether a path leads from ``start`` to ``goal`` (``succ``: successor sets)."""
+    seen = {start}
+    todo = [start]
+    while todo:
+        for w in succ[todo.pop()]:
+            if w == goal:
+                return True
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return False
 
 
 def _layers(n: int, edges: np.ndarray) -> np.ndarray:

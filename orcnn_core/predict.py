@@ -120,10 +120,11 @@ def _check_output_file(path, what: str) -> None:
     check_writable_dir(path.parent, what)
 
 
-def _load_predictor(weights, device, score_thresh):
+def _load_predictor(weights, device, score_thresh, backend="eager"):
     from orcnn_core.predictor import Predictor
 
-    return Predictor.from_file(weights, device=device, score_thresh=score_thresh)
+    return Predictor.from_file(weights, device=device, score_thresh=score_thresh,
+                               backend=backend)
 
 
 # ------------------------------------------------------------------------------ ground truth
@@ -244,7 +245,7 @@ def run_predict(args) -> int:
         gt = _GroundTruth(args.gt)
         indices = gt.match(paths)
     _check_decodable(paths)
-    predictor = _load_predictor(args.weights, args.device, args.score_thresh)
+    predictor = _load_predictor(args.weights, args.device, args.score_thresh, args.backend)
     if gt is not None:
         gt.check_classes(predictor.config.class_names)
 
@@ -286,7 +287,7 @@ def run_predict(args) -> int:
 
 # ------------------------------------------------------------------------------ evaluation
 def evaluate_weights(weights, data, images_dir=None, score_thresh=None, device="auto",
-                     out=None) -> dict:
+                     out=None, backend="eager") -> dict:
     """Metrics (:func:`orcnn_core.evaluation.evaluate_loaded`) of a weights file on the
     images of ground-truth file ``data`` (in ``images_dir``, default the file's folder).
     ``out``, when given, is only checked for writability here, before the model runs."""
@@ -297,7 +298,7 @@ def evaluate_weights(weights, data, images_dir=None, score_thresh=None, device="
     _check_decodable(paths)
     if out is not None:
         _check_output_file(out, "--out")
-    predictor = _load_predictor(weights, device, score_thresh)
+    predictor = _load_predictor(weights, device, score_thresh, backend)
     gt.check_classes(predictor.config.class_names)
     results = []
     for index, path in enumerate(paths):
@@ -314,7 +315,7 @@ def run_evaluate_weights(args) -> int:
     from orcnn_core.evaluation import format_table
 
     metrics = evaluate_weights(args.weights, args.data, args.images, args.score_thresh,
-                               args.device or "auto", args.out)
+                               args.device or "auto", args.out, args.backend or "eager")
     if args.out is not None:
         try:
             atomic_write_json(args.out, metrics, indent=2)

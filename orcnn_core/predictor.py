@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from orcnn_core.errors import InputError
 
@@ -119,6 +118,50 @@ def resolve_device(device) -> torch.device:
     return device
 
 
+#: Largest D x h_max x w_max that :func:`label_crops` resamples in one batch (16 MiB per
+#: float32 plane); more detections are processed in several batches.
+CROP_BATCH_PIXELS = 1 << 22
+
+
+def _bilinear_weights(first: torch.Tensor, size: int, low: torch.Tensor, high: torch.Tensor,
+                      cells: int, limit: int):
+    """Bilinear resampling weights along one axis, for pixels ``first + k`` (k < size).
+
+    Args:
+        first: int [D], the first pixel of each detection's integer box.
+        low, high: float [D], the float box edges the ``cells`` mask cells span.
+        limit: the image size along this axis.
+    Returns:
+        (weights, weights_in_image), float [D, size, cells]. A pixel centre at mask coordinate
+        u (cell centres at 0 .. cells - 1, as ``grid_sample`` with ``align_corners=False``)
+        gives cell j the weight max(0, 1 - |u - j|): bilinear interpolation with zeros
+        outside the mask. The second copy is zero for pixels outside [0, limit).
+    """
+    pixels = torch.arange(size, device=first.device)[None, :] + first[:, None]
+    scale = cells / (high - low).clamp_min(1e-6)
+    u = (pixels + 0.5 - low[:, None]) * scale[:, None] - 0.5
+    centres = torch.arange(cells, device=first.device, dtype=u.dtype)
+    weights = (1 - (u[..., None] - centres).abs()).clamp_min_(0)
+    in_image = ((pixels >= 0) & (pixels < limit)).to(weights.dtype)
+    return weights, weights * in_image[..., None]
+
+
+def _label_batch(boxes, rois, probs, height, width, rows, cols):
+    """uint8 labels [D, rows, cols] of D detections whose integer boxes fit rows x cols."""
+    cells = probs.shape[-1]
+    boxes = boxes.to(probs.dtype)
+    ry, ry_in_image = _bilinear_weights(rois[:, 1], rows, boxes[:, 1], boxes[:, 3], cells,
+                                        height)
+    rx, rx_in_image = _bilinear_weights(rois[:, 0], cols, boxes[:, 0], boxes[:, 2], cells,
+                                        width)
+    # Separable bilinear resampling: P_crop = R_y @ P_mask @ R_x^T, per detection.
+    amodal = ry @ probs[:, 0] @ rx.transpose(1, 2) >= 0.5
+    # Weights zeroed outside the image make p_visible 0 there: nothing outside is visible.
+    visible = ry_in_image @ probs[:, 1] @ rx_in_image.transpose(1, 2) >= 0.5
+    # VISIBLE (1) on every amodal pixel, one more where it is hidden: HIDDEN (2).
+    return amodal.view(torch.uint8) + (amodal & ~visible).view(torch.uint8)
+
+
 def label_crops(boxes: torch.Tensor, amodal_logits: torch.Tensor,
                 visible_logits: torch.Tensor, image_size):
     """Resample each detection's M x M masks onto its integer amodal box and label them.
@@ -129,8 +172,11 @@ def label_crops(boxes: torch.Tensor, amodal_logits: torch.Tensor,
         image_size: (height, width).
     Returns:
         (rois int64 [D, 4] as x, y, width, height; list of D uint8 tensors [h, w]).
-    A pixel is amodal when p_amodal >= 0.5, visible when it is amodal, p_visible >= 0.5 and
-    inside the image; label 2 is amodal and not visible.
+    The M x M mask spans the float box; each crop pixel takes the bilinear interpolation of
+    the mask probabilities at its centre (zeros outside the mask). A pixel is amodal when
+    p_amodal >= 0.5, visible when it is amodal, p_visible >= 0.5 and inside the image;
+    label 2 is amodal and not visible. All detections are resampled together (in batches
+    of at most :data:`CROP_BATCH_PIXELS` padded pixels); the crops are views of the batch.
     """
     height, width = image_size
     x0 = boxes[:, 0].floor()
@@ -138,25 +184,23 @@ def label_crops(boxes: torch.Tensor, amodal_logits: torch.Tensor,
     w = torch.maximum(boxes[:, 2].ceil() - x0, torch.ones_like(x0))
     h = torch.maximum(boxes[:, 3].ceil() - y0, torch.ones_like(y0))
     rois = torch.stack([x0, y0, w, h], 1).long()
-    probs = torch.stack([amodal_logits, visible_logits], 1).sigmoid()  # [D, 2, M, M]
+    probs = torch.stack([amodal_logits, visible_logits], 1).float().sigmoid()  # [D, 2, M, M]
+    sizes = rois[:, 2:].tolist()  # one device sync for all detections
     crops = []
-    # Python numbers for the loop: one device sync, not one per detection.
-    for i, ((xi, yi, wi, hi), (bx0, by0, bx1, by1)) in enumerate(
-            zip(rois.tolist(), boxes.tolist())):
-        rows = torch.arange(hi, device=boxes.device) + yi  # image pixel coordinates
-        cols = torch.arange(wi, device=boxes.device) + xi
-        # Pixel centres in the mask's normalised coordinates: the M x M mask spans the float
-        # box [bx0, bx1] x [by0, by1] (grid_sample with align_corners=False).
-        xs = (cols + 0.5 - bx0) * (2 / max(bx1 - bx0, 1e-6)) - 1
-        ys = (rows + 0.5 - by0) * (2 / max(by1 - by0, 1e-6)) - 1
-        grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), -1)
-        sampled = F.grid_sample(probs[i:i + 1], grid[None].to(probs.dtype), mode="bilinear",
-                                padding_mode="zeros", align_corners=False)[0]
-        amodal = sampled[0] >= 0.5
-        inside = ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))
-        visible = amodal & (sampled[1] >= 0.5) & inside
-        crop = torch.where(visible, VISIBLE, torch.where(amodal, HIDDEN, BACKGROUND))
-        crops.append(crop.to(torch.uint8))
+    start = 0
+    while start < len(sizes):
+        # Grow the batch while its padded size stays within the budget (at least one).
+        end, rows, cols = start, 0, 0
+        while end < len(sizes):
+            wi, hi = sizes[end]
+            if end > start and (end + 1 - start) * max(rows, hi) * max(cols, wi) \
+                    > CROP_BATCH_PIXELS:
+                break
+            rows, cols, end = max(rows, hi), max(cols, wi), end + 1
+        labels = _label_batch(boxes[start:end], rois[start:end], probs[start:end], height,
+                              width, rows, cols)
+        crops += [labels[i, :hi, :wi] for i, (wi, hi) in enumerate(sizes[start:end])]
+        start = end
     return rois, crops
 
 
@@ -165,9 +209,16 @@ class Predictor:
 
     >>> predictor = Predictor.from_file("model.safetensors", device="auto")
     >>> prediction = predictor(image_bgr, color_order="bgr")   # H x W x 3 uint8
+
+    ``backend`` runs the detector: eager (default), torchscript, onnxruntime or tensorrt
+    (:mod:`orcnn_core.backends`); everything after the detections is the same for all.
+    ``self.model`` stays the eager model: its ``roi_heads`` settings apply to every back-end.
     """
 
-    def __init__(self, model, device="auto", score_thresh=None):
+    def __init__(self, model, device="auto", score_thresh=None, backend="eager"):
+        from orcnn_core.backends import check_backend_name, create_backend
+
+        check_backend_name(backend)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config = model.config
@@ -177,14 +228,17 @@ class Predictor:
                 raise InputError(f"score_thresh must be in [0, 1], got {score_thresh!r}")
             self.model.roi_heads.score_thresh = float(score_thresh)
         self.class_names = ["__background__"] + list(self.config.class_names)
+        self.backend = create_backend(backend, self.model, self.device)
 
     @classmethod
-    def from_file(cls, path, device="auto", score_thresh=None) -> "Predictor":
+    def from_file(cls, path, device="auto", score_thresh=None, backend="eager") -> "Predictor":
         """Load a weights file written by :func:`orcnn_core.weights.save_weights`."""
+        from orcnn_core.backends import check_backend_name
         from orcnn_core.weights import build_from_file
 
+        check_backend_name(backend)  # before the (slower) load
         return cls(build_from_file(path, device="cpu"), device=device,
-                   score_thresh=score_thresh)
+                   score_thresh=score_thresh, backend=backend)
 
     @property
     def score_thresh(self) -> float:
@@ -208,7 +262,7 @@ class Predictor:
             if color_order == "bgr":
                 x = x.flip(-1)
             x = x.permute(2, 0, 1).float().div_(255.0)
-            detections = self.model([x])[0]
+            detections = self.backend(x)
             return self._prediction(detections, (height, width))
 
     def _prediction(self, det: dict, image_size) -> Prediction:

@@ -13,13 +13,20 @@ Files in the output folder:
     metrics.json            the last evaluation
     log.jsonl               losses and lr every log_period iterations, evaluations
     tensorboard/            scalars per loss, lr, metrics; sample overlays
+
+A run killed at any moment (SIGKILL, power cut) leaves the last checkpoint whole: every
+file but the append-only log is written to a temporary file and renamed. A failed write
+(disk full, file size limit) stops the run with :class:`TrainingStopped` naming the file
+and the last good checkpoint, which the failed write leaves untouched.
 """
 
+import errno
 import hashlib
 import io
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -32,20 +39,27 @@ import yaml
 
 from orcnn_core.data import AmodalSample, load_dataset, write_amodal_coco
 from orcnn_core.errors import InputError
-from orcnn_core.fileio import atomic_write_bytes, atomic_write_json
+from orcnn_core.fileio import TEMP_SUFFIX, WriteError, atomic_write_bytes, atomic_write_json
 from orcnn_core.losses import total_loss
 from orcnn_core.model import build_model
 from orcnn_core.predictor import Predictor, resolve_device
 from orcnn_core.synth import SynthConfig, render_scene
 from orcnn_core.train_config import SynthDataConfig, TrainConfig
-from orcnn_core.weights import init_from_maskrcnn_state_dict, load_weights, save_weights
+from orcnn_core.weights import (
+    init_from_maskrcnn_state_dict,
+    load_weights,
+    save_weights,
+    unpickler_reason,
+)
 
 CHECKPOINT = "checkpoint_last.pt"
 FINAL_WEIGHTS = "model_final.safetensors"
+LOG = "log.jsonl"
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (a NaN loss); the message names the iteration and checkpoint."""
+    """Training cannot go on (a NaN loss, a failed write); the message names the iteration or
+    file and the last good checkpoint."""
 
 
 # ------------------------------------------------------------------------------------ data
@@ -181,14 +195,76 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, iteration: int) -> 
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by :func:`save_checkpoint` (tensors and plain values only)."""
+    """A checkpoint written by :func:`save_checkpoint` (tensors and plain values only).
+
+    ``torch.load(weights_only=True)`` rebuilds tensors and plain containers only: a pickle
+    that would create other objects or run code is refused, not executed. A file that is
+    not a whole checkpoint of this format raises :class:`InputError` naming what is wrong.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{path}: no checkpoint to resume from") from None
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{path}: refused: the checkpoint holds objects other than tensors "
+                         f"and plain values, which could run code when loaded "
+                         f"(torch.load weights_only=True: {unpickler_reason(exc)})") from None
     except Exception as exc:  # torch raises several types for damaged archives
         raise InputError(f"{path}: unreadable checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    _check_checkpoint(state, path)
+    return state
+
+
+def _check_checkpoint(state, path) -> None:
+    """The keys and types :func:`save_checkpoint` writes (a state dict or another
+    program's checkpoint is refused by name, not with a KeyError later)."""
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a training checkpoint (a {type(state).__name__}, not "
+                         f"a mapping)")
+    expected = {"model": dict, "optimizer": dict, "scheduler": dict, "iteration": int,
+                "torch_rng": torch.Tensor}
+    missing = [k for k in expected if k not in state]
+    if missing:
+        keys = ", ".join(map(str, list(state)[:8])) or "no keys"
+        raise InputError(f"{path}: not a training checkpoint of orcnn-core train (missing "
+                         f"{', '.join(missing)}; it has {keys})")
+    for key, kind in expected.items():
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InputError(f"{path}: checkpoint '{key}' is a {type(value).__name__}, "
+                             f"expected a {kind.__name__}")
+    if state["iteration"] < 0:
+        raise InputError(f"{path}: checkpoint iteration {state['iteration']} is negative")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+               for k, v in state["model"].items()):
+        raise InputError(f"{path}: checkpoint 'model' is not a mapping of names to tensors")
+
+
+def _restore(state: dict, path: Path, model, optimizer, scheduler, total: int) -> int:
+    """Load a checkpoint into the training objects; returns its iteration."""
+    start = state["iteration"]
+    if start > total:
+        raise InputError(f"{path}: the checkpoint is at iteration {start}, beyond "
+                         f"solver.iterations {total}")
+    for what, target, source in (("model", model, state["model"]),
+                                 ("optimizer", optimizer, state["optimizer"]),
+                                 ("scheduler", scheduler, state["scheduler"])):
+        try:
+            target.load_state_dict(source)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            first = str(exc).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[:3])[:400]
+            raise InputError(f"{path}: the checkpoint's {what} state does not fit this "
+                             f"configuration ({type(exc).__name__}: {detail})") from None
+    try:
+        torch.set_rng_state(state["torch_rng"])
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"{path}: bad torch_rng state in the checkpoint ({exc})") from None
+    cuda_rng = state.get("cuda_rng") or []
+    if torch.cuda.is_available() and cuda_rng:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return start
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -240,7 +316,8 @@ def _distributed():
 def check_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
+        # Named like a temporary file so that a run killed here leaves nothing behind.
+        probe = path / f".write-test-{os.getpid()}{TEMP_SUFFIX}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -250,10 +327,39 @@ def check_output_dir(path: Path) -> None:
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train as ``cfg`` says; returns ``{"iteration", "weights", "metrics", "stopped"}``.
 
-    Every check of the configuration and the data happens before the first iteration.
-    SIGINT / SIGTERM finish the current iteration, save a checkpoint and return with
-    ``stopped`` set to the signal's name.
+    Every check of the configuration and the data happens before the first iteration
+    (:class:`InputError`). SIGINT / SIGTERM finish the current iteration, save a checkpoint
+    and return with ``stopped`` set to the signal's name. A failed write (disk full, file
+    size limit) raises :class:`TrainingStopped` naming the file and the last good
+    checkpoint; the failed write leaves that checkpoint as it was.
     """
+    try:
+        return _train(cfg, resume, progress)
+    except OSError as exc:
+        raise TrainingStopped(_write_failure(exc, Path(cfg.output_dir))) from None
+
+
+def _write_failure(exc: OSError, out: Path) -> str:
+    """One line on a failed write: which file, why, and what is left to resume from."""
+    if isinstance(exc, WriteError):
+        what = f"cannot write {exc.filename} ({exc.strerror})"
+    elif exc.filename:
+        what = f"I/O error on {exc.filename} ({exc.strerror or exc})"
+    else:
+        what = f"I/O error writing to {out} ({exc.strerror or exc})"
+    fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
+           errno.EFBIG: "raise the file size limit (ulimit -f)"}.get(exc.errno, "fix that")
+    checkpoint = out / CHECKPOINT
+    try:
+        iteration = load_checkpoint(checkpoint)["iteration"]
+        left = (f"the last good checkpoint is {checkpoint} (iteration {iteration}); {fix} "
+                f"and continue with --resume")
+    except InputError:
+        left = f"no checkpoint was written yet; {fix} and start again"
+    return f"{what}; {left}"
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
@@ -270,7 +376,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     check_output_dir(out)
     if rank == 0:
         # Left behind by a run killed while writing; the real files are intact.
-        for stale in out.glob(".*.tmp"):
+        for stale in out.glob(f".*{TEMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
     if len(train_scenes) == 0:
         raise InputError(f"data.train {cfg.data.train}: no images")
@@ -299,15 +405,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     start = 0
     if resume:
         state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["iteration"])
-        torch.set_rng_state(state["torch_rng"])
-        if torch.cuda.is_available() and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start = _restore(state, checkpoint_path, model, optimizer, scheduler,
+                         cfg.solver.iterations)
+        del state
         if rank == 0:
-            print(f"resuming from {checkpoint_path} at iteration {start}")
+            _trim_log(out, start)
+            print(f"resuming from {checkpoint_path} at iteration {start}", flush=True)
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -450,8 +553,36 @@ def state_digest(model) -> str:
 
 
 def _append_log(out: Path, record: dict) -> None:
-    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    path = out / LOG
+    try:
+        # One write() per record: a kill leaves whole lines (a partial one only when the
+        # write itself fails, and _trim_log drops that on resume).
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise WriteError(exc.errno, exc.strerror, str(path)) from None
+
+
+def _trim_log(out: Path, iteration: int) -> None:
+    """Before resuming at ``iteration``: drop the log records of later iterations (the
+    resumed run logs them again, as TensorBoard's purge_step does for its events) and a
+    partial last line."""
+    path = out / LOG
+    if not path.is_file():
+        return
+    raw = path.read_bytes()
+    kept = []
+    for line in raw.split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        step = record.get("iteration", 0) if isinstance(record, dict) else None
+        if isinstance(step, int) and step <= iteration:
+            kept.append(line)
+    trimmed = b"".join(line + b"\n" for line in kept)
+    if trimmed != raw:
+        atomic_write_bytes(path, trimmed)
 
 
 def _evaluate_and_log(model, val_scenes, gt, device, writer, iteration, out) -> dict:

@@ -3,8 +3,9 @@
 * :func:`save_weights` writes the state dict and, in the file's metadata, the
   :class:`ModelConfig` as JSON, so the file alone rebuilds the model (:func:`build_from_file`).
 * :func:`load_weights` never unpickles: a ``torch.save`` archive or a pickle is refused, a
-  truncated or corrupt file, a file without ORCNN metadata and a file whose tensors do not
-  fit its config are each one :class:`InputError` naming the file and the problem.
+  truncated or corrupt file, a file without ORCNN metadata, a config with implausible
+  values, and tensors that do not fit the config (missing or extra keys, shapes, dtypes,
+  NaN/inf values) are each one :class:`InputError` naming the file and the problem.
 * :func:`init_from_maskrcnn_state_dict` initialises an ORCNN from a torchvision Mask R-CNN
   (COCO) state dict, as the paper does: backbone, RPN and box head are loaded, the mask
   head is copied into both the amodal and the visible head, and layers whose shapes differ
@@ -15,7 +16,9 @@
 
 import functools
 import json
+import math
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +34,23 @@ from orcnn_core.fileio import atomic_write_bytes
 from orcnn_core.model import build_model
 
 __all__ = ["save_weights", "load_weights", "build_from_file", "init_from_maskrcnn_state_dict",
-           "InitReport", "FORMAT"]
+           "InitReport", "FORMAT", "unpickler_reason"]
 
 FORMAT = "orcnn"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+#: Storage dtypes accepted for floating-point tensors (loading copies them into float32).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Upper bounds on config values a weights file may carry. The model would build with
+#: larger ones, but only to exhaust memory or time at the first image: a file from
+#: elsewhere with such values is refused before anything is allocated.
+PLAUSIBLE_MAX = {
+    "min_size": 8192, "max_size": 8192, "mask_roi_size": 128, "num_classes": 100_000,
+    "fpn_channels": 4096, "box_head_dim": 16384, "mask_head_channels": 4096,
+    "rpn_pre_nms_top_n_train": 100_000, "rpn_pre_nms_top_n_test": 100_000,
+    "rpn_post_nms_top_n_train": 100_000, "rpn_post_nms_top_n_test": 100_000,
+    "rpn_batch_size_per_image": 100_000, "box_batch_size_per_image": 100_000,
+    "box_detections_per_img": 10_000,
+}
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -53,6 +69,7 @@ def save_weights(model_or_state, cfg: ModelConfig, path, dtype=None) -> Path:
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _check_architecture(cfg, tensors, path)
+    _check_values(tensors, path)  # e.g. a weight beyond float16's range became inf
     metadata = {
         "format": FORMAT,
         "orcnn_config": json.dumps(cfg.to_dict()),
@@ -73,13 +90,19 @@ def load_weights(path):
                          f"{metadata.get('format')!r}, keys {sorted(metadata)}); not an "
                          f"ORCNN weights file (a torchvision state dict goes through "
                          f"init_from_maskrcnn_state_dict)")
+    text = metadata["orcnn_config"]
+    if not isinstance(text, str):
+        raise InputError(f"{path}: orcnn_config metadata must be a JSON string, got "
+                         f"{type(text).__name__}")
     try:
-        config_dict = json.loads(metadata["orcnn_config"])
-    except json.JSONDecodeError as exc:
+        config_dict = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: orcnn_config metadata is not valid JSON ({exc})") from None
     cfg = ModelConfig.from_dict(config_dict, source=f"{path}: orcnn_config")
+    _check_plausible(cfg, path)
     state = _load_tensors(path)
     _check_architecture(cfg, state, path)
+    _check_values(state, path)
     return cfg, state
 
 
@@ -136,13 +159,15 @@ def _read_header(path: Path):
         raw = b"{" + f.read(n - 1)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise InputError(f"{path}: corrupt safetensors header (bad __metadata__)")
+    if not isinstance(metadata, dict) or not all(
+            isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map names "
+                         f"to strings)")
     body = size - 8 - n
     for name, entry in header.items():
         try:
@@ -166,21 +191,58 @@ def _load_tensors(path: Path) -> dict:
 
 
 @functools.lru_cache(maxsize=16)
-def _expected_shapes(config_json: str) -> dict:
-    """Key -> shape of ``build_model(cfg)``'s state dict, built on the meta device (no
-    memory, no initialisation cost)."""
+def _expected_shapes(config_json: str):
+    """(key -> shape, key -> dtype) of ``build_model(cfg)``'s state dict, built on the meta
+    device (no memory, no initialisation cost)."""
     with torch.device("meta"):
         model = build_model(ModelConfig.from_dict(json.loads(config_json)))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    return {k: tuple(v.shape) for k, v in state.items()}, {k: v.dtype for k, v in state.items()}
+
+
+def _check_plausible(cfg: ModelConfig, path) -> None:
+    """Refuse config values no real model has (:data:`PLAUSIBLE_MAX`, finite positive
+    anchors and normalisation); ModelConfig itself checks types and lower bounds."""
+    for name, high in PLAUSIBLE_MAX.items():
+        value = getattr(cfg, name)
+        if value > high:
+            raise InputError(f"{path}: orcnn_config: {name} {value} is implausible (at most "
+                             f"{high})")
+    checks = (("anchor_sizes", cfg.anchor_sizes, 1, PLAUSIBLE_MAX["max_size"]),
+              ("anchor_aspect_ratios", cfg.anchor_aspect_ratios, 1e-3, 1e3),
+              ("image_mean", cfg.image_mean, -1e3, 1e3),
+              ("image_std", cfg.image_std, 1e-6, 1e3))
+    for name, values, low, high in checks:
+        if not all(math.isfinite(v) and low <= v <= high for v in values):
+            raise InputError(f"{path}: orcnn_config: {name} {list(values)} is implausible "
+                             f"(each in [{low:g}, {high:g}])")
+
+
+def _check_values(state: dict, path) -> None:
+    """Floating-point tensors must be finite: NaN or inf weights give garbage output."""
+    bad = [k for k, v in state.items()
+           if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputError(f"{path}: tensor(s) with NaN or inf values: {', '.join(bad[:4])}"
+                         + (f", ... ({len(bad)} in all)" if len(bad) > 4 else ""))
 
 
 def _check_architecture(cfg: ModelConfig, state: dict, path) -> None:
-    expected = _expected_shapes(json.dumps(cfg.to_dict(), sort_keys=True))
+    expected, expected_dtypes = _expected_shapes(json.dumps(cfg.to_dict(), sort_keys=True))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
              for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    if not (missing or unexpected or wrong):
+    wrong_dtype = []
+    for key, dtype in expected_dtypes.items():
+        if key not in state:
+            continue
+        allowed = FLOAT_DTYPES if dtype.is_floating_point else (dtype,)
+        if state[key].dtype not in allowed:
+            names = " or ".join(str(d).replace("torch.", "") for d in allowed)
+            wrong_dtype.append(f"{key} {str(state[key].dtype).replace('torch.', '')} "
+                               f"(expected {names})")
+    if not (missing or unexpected or wrong or wrong_dtype):
         return
 
     def few(items):
@@ -193,6 +255,8 @@ def _check_architecture(cfg: ModelConfig, state: dict, path) -> None:
         problems.append(f"unexpected {few(unexpected)}")
     if wrong:
         problems.append(f"wrong shape {few(wrong)}")
+    if wrong_dtype:
+        problems.append(f"wrong dtype {few(wrong_dtype)}")
     raise InputError(f"{path}: weights of another architecture than its config (backbone "
                      f"{cfg.backbone}, variant {cfg.variant}, {cfg.num_classes} classes): "
                      + "; ".join(problems))
@@ -253,6 +317,16 @@ def _modern_key(key: str) -> str:
     return key
 
 
+def unpickler_reason(exc: Exception) -> str:
+    """The one line of torch's weights_only refusal that says what it refused (the rest
+    explains how to load the file unsafely, which is not advice to pass on)."""
+    match = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", str(exc), re.M)
+    if match:
+        return match.group(1).strip()
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _load_foreign_state_dict(path: Path) -> dict:
     """A torchvision Mask R-CNN state dict from a .pth (weights_only) or .safetensors file."""
     with _open(path) as f:
@@ -263,10 +337,11 @@ def _load_foreign_state_dict(path: Path) -> dict:
             # plain containers, never arbitrary objects or code.
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (zipfile.BadZipFile, EOFError, RuntimeError) as exc:
-            raise InputError(f"{path}: corrupt or truncated torch.save file ({exc})") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{path}: corrupt or truncated torch.save file ({first})") from None
         except Exception as exc:  # e.g. UnpicklingError: objects beyond tensors and dicts
-            raise InputError(f"{path}: not a plain state dict (torch.load with "
-                             f"weights_only=True refused it: {exc})") from None
+            raise InputError(f"{path}: refused: not a plain state dict (torch.load with "
+                             f"weights_only=True: {unpickler_reason(exc)})") from None
     else:
         _read_header(path)
         state = _load_tensors(path)

@@ -1,8 +1,11 @@
 """Pure functions between ROS messages and the ``orcnn_core`` world; no node, no graph.
 
 * image messages -> numpy: :func:`image_to_array`, :func:`compressed_to_array`,
-  :func:`message_to_array`. A frame is checked (encoding, size, step, data length) before a
-  library touches it, so a malformed frame is one :class:`ValueError` that names the field.
+  :func:`message_to_array`. A frame is checked (encoding, size, step, data length; for
+  compressed frames the PNG or JPEG header's size) before a library touches it, so a
+  malformed frame is one :class:`ValueError` that names the field, and header values never
+  make a decoder allocate more than :data:`MAX_PIXELS` pixels. :func:`check_message` makes
+  those checks alone, without decoding.
   The conversion itself is the ROS distribution's ``cv_bridge`` when it is importable, else
   ``rosbags-image`` (pure Python; the PyPI package called ``cv-bridge`` is not ROS's and
   does not work).
@@ -30,7 +33,8 @@ from orcnn_ros.msg import AmodalInstance, AmodalInstanceArray, OcclusionEdge
 
 __all__ = [
     "ENCODINGS", "COLOR_ORDERS", "image_to_array", "compressed_to_array", "message_to_array",
-    "check_image", "array_to_image_msg", "select_instances", "instance_array_msg",
+    "check_image", "check_compressed", "check_message", "array_to_image_msg",
+    "select_instances", "instance_array_msg",
     "copy_header", "PipelineStats", "diagnostics_msg", "converter_name",
 ]
 
@@ -151,15 +155,89 @@ def image_to_array(msg, color_order: str = "auto"):
     return array, order
 
 
-def compressed_to_array(msg, color_order: str = "auto"):
-    """sensor_msgs/CompressedImage (jpeg, png, ...) -> ``(H x W x 3 uint8, order)``.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: JPEG start-of-frame markers (SOF0..SOF15 less DHT 0xC4, JPG 0xC8 and DAC 0xCC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
-    Raises ValueError when the data is empty or cannot be decoded.
+
+def _png_size(data: memoryview):
+    """(width, height) from the IHDR chunk that must follow the signature, or None."""
+    if len(data) < 24 or bytes(data[12:16]) != b"IHDR":
+        return None
+    return (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))
+
+
+def _jpeg_size(data: memoryview):
+    """(width, height) from the first start-of-frame segment, or None when the marker
+    segments before it are broken, too many (real files have a few dozen), or the scan
+    starts without one."""
+    i, end = 2, len(data)
+    for _ in range(1024):
+        if i + 4 > end or data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+        elif marker in (0xD9, 0xDA):  # end of image, start of scan
+            return None
+        elif marker in _JPEG_SOF:
+            if i + 9 > end:
+                return None
+            return (int.from_bytes(data[i + 7:i + 9], "big"),
+                    int.from_bytes(data[i + 5:i + 7], "big"))
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def check_compressed(msg):
+    """Validate a sensor_msgs/CompressedImage without decoding it; returns
+    ``("png" | "jpeg", width, height)`` as its header says.
+
+    Raises ValueError (field ``data``) when the data is empty, is neither PNG nor JPEG (the
+    formats of ROS's compressed image transport), has no readable header, or the header
+    says zero pixels or more than :data:`MAX_PIXELS`: a few hundred bytes of JPEG whose
+    header claims 30000 x 30000 would otherwise decode into gigabytes.
+    """
+    data = memoryview(msg.data).cast("B")
+    if len(data) == 0:
+        raise ValueError(f"data: empty compressed frame (format {msg.format!r})")
+    if bytes(data[:8]) == _PNG_SIGNATURE:
+        kind, size = "png", _png_size(data)
+    elif bytes(data[:3]) == b"\xff\xd8\xff":
+        kind, size = "jpeg", _jpeg_size(data)
+    else:
+        raise ValueError(f"data: not a PNG or JPEG stream (format {msg.format!r}, first "
+                         f"bytes {bytes(data[:8]).hex()})")
+    if size is None:
+        raise ValueError(f"data: {kind} stream without a readable image header "
+                         f"({len(data)} bytes, format {msg.format!r})")
+    width, height = size
+    if width == 0 or height == 0 or width * height > MAX_PIXELS:
+        raise ValueError(f"data: the {kind} header says {width} x {height} pixels (accepted: "
+                         f"1 to {MAX_PIXELS} pixels)")
+    return kind, width, height
+
+
+def check_message(msg) -> None:
+    """The checks :func:`message_to_array` makes before decoding, alone: cheap enough for
+    a subscription callback. Raises ValueError naming the field."""
+    if hasattr(msg, "format"):
+        check_compressed(msg)
+    else:
+        check_image(msg)
+
+
+def compressed_to_array(msg, color_order: str = "auto"):
+    """sensor_msgs/CompressedImage (jpeg, png) -> ``(H x W x 3 uint8, order)``.
+
+    Raises ValueError when the data fails :func:`check_compressed` or cannot be decoded.
     """
     _check_color_order(color_order)
     data = msg.data
-    if len(data) == 0:
-        raise ValueError(f"data: empty compressed frame (format {msg.format!r})")
+    check_compressed(msg)
     try:
         if _BRIDGE is not None:
             array = _BRIDGE.compressed_imgmsg_to_cv2(msg, desired_encoding="passthrough")
@@ -232,26 +310,28 @@ def instance_array_msg(prediction, graph, header, model_name: str = "",
     out = AmodalInstanceArray(header=header, image_width=int(width), image_height=int(height),
                               model_name=model_name, inference_ms=float(inference_ms),
                               latency_ms=float(latency_ms), has_cycle=bool(graph.has_cycle))
-    amodal = prediction.amodal_areas
-    visible = prediction.visible_areas
-    ratios = prediction.occlusion_ratios
-    truncated = prediction.truncated
-    layers = graph.layers
+    # Plain Python numbers once per array: indexing numpy arrays per field costs more.
+    columns = zip(prediction.rois.tolist(), prediction.crops, prediction.labels.tolist(),
+                  prediction.class_names, prediction.scores.tolist(),
+                  prediction.amodal_areas.tolist(), prediction.visible_areas.tolist(),
+                  prediction.occlusion_ratios.tolist(), prediction.truncated.tolist(),
+                  graph.layers.tolist())
     instances = []
-    for i, ((x, y, w, h), crop) in enumerate(zip(prediction.rois.tolist(), prediction.crops)):
+    for i, ((x, y, w, h), crop, label, name, score, amodal, visible, ratio, truncated,
+            layer) in enumerate(columns):
+        # Bytes through the constructor: one copy into the uint8[] array, no per-pixel
+        # check even with ROS_PYTHON_CHECK_FIELDS=1.
         mask = Image(header=header, height=h, width=w, encoding="mono8", is_bigendian=0,
                      step=w, data=np.ascontiguousarray(crop, np.uint8).tobytes())
         instances.append(AmodalInstance(
-            id=i, class_id=int(prediction.labels[i]), class_name=prediction.class_names[i],
-            score=float(prediction.scores[i]), roi_x=x, roi_y=y, roi_width=w, roi_height=h,
-            mask=mask, amodal_area=int(amodal[i]), visible_area=int(visible[i]),
-            occlusion_ratio=float(ratios[i]), truncated=bool(truncated[i]),
-            layer=int(layers[i])))
+            id=i, class_id=label, class_name=name, score=score, roi_x=x, roi_y=y,
+            roi_width=w, roi_height=h, mask=mask, amodal_area=amodal, visible_area=visible,
+            occlusion_ratio=ratio, truncated=truncated, layer=layer))
     out.instances = instances
     out.edges = [OcclusionEdge(occluder=a, occludee=b, overlap_pixels=p, overlap_ratio=r)
                  for (a, b), p, r in zip(graph.edges.tolist(), graph.overlap_pixels.tolist(),
                                          graph.overlap_ratio.tolist())]
-    out.pick_order = [int(i) for i in graph.pick_order]
+    out.pick_order = graph.pick_order.tolist()
     return out
 
 
@@ -306,7 +386,7 @@ class PipelineStats:
 
 
 def diagnostics_msg(stamp, snapshot: dict, state: str, model: str, device: str,
-                    problem: str = "") -> DiagnosticArray:
+                    problem: str = "", backend: str = "eager") -> DiagnosticArray:
     """/diagnostics message with one status "orcnn_perception: inference".
 
     Level: ERROR when ``problem`` is set (e.g. the model failed to load), WARN when active
@@ -326,7 +406,7 @@ def diagnostics_msg(stamp, snapshot: dict, state: str, model: str, device: str,
             return "nan" if math.isnan(value) else f"{value:.2f}"
         return str(value)
 
-    values = [("state", state), ("model", model), ("device", device),
+    values = [("state", state), ("model", model), ("device", device), ("backend", backend),
               ("converter", converter_name())]
     values += [(key, fmt(snapshot[key])) for key in (
         "rate_hz", "latency_ms", "latency_max_ms", "inference_ms", "instances", "received",

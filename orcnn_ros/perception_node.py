@@ -14,11 +14,26 @@ converts, runs the model, builds the message and publishes. A plain worker threa
 than a callback group of a MultiThreadedExecutor keeps the executor free for lifecycle
 services, parameters and diagnostics whatever executor the node is spun by, and makes the
 latest-frame-only policy explicit: the output lags the camera by at most the inference
-running when a frame arrives plus its own.
+running when a frame arrives plus its own. Freshness: a frame that has waited in the slot
+for more than a tenth of the camera interval (estimated from arrival times) is not worth
+an inference when the next frame is due; the worker waits for that one instead, at most
+``fresh_frame_wait`` camera intervals (:func:`fresh_frame_wait`), so results are about one
+inference old and a stopped camera's last frame is still answered. The callback already
+rejects malformed frames (:func:`orcnn_ros.conversions.check_message`, no decoding), so a
+glitching camera never displaces a good frame waiting in the slot. Every received frame is
+counted once: processed, dropped (replaced in the slot, or still in the node at
+deactivate), malformed or failed.
+
+Stopping: SIGINT or SIGTERM destroys the node and ends the program with exit status 0 (a
+stop on request is a clean exit, as launch and systemd expect) within a fraction of a second
+plus the inference running at that moment; the program skips the interpreter's teardown of
+torch (:func:`exit_process`). During start-up, before the node spins, the process ends at
+once, with status 0 too (once the native library loading at that moment is in).
 """
 
 import importlib.util
 import os
+import signal
 import sys
 
 if __name__ == "__main__" and not sys.flags.safe_path \
@@ -28,9 +43,17 @@ if __name__ == "__main__" and not sys.flags.safe_path \
     os.execv(sys.executable, [sys.executable, "-P", "-m", "orcnn_ros.perception_node",
                               *sys.argv[1:]])
 
+if __name__ == "__main__":
+    # Until main() takes over, a stop request has nothing to clean up.
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, lambda signum, frame: os._exit(0))
+
+import ctypes  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from collections import deque  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -39,18 +62,20 @@ import rclpy  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange,  # noqa: E402
                                 ParameterDescriptor, SetParametersResult)
-from rclpy.event_handler import SubscriptionEventCallbacks  # noqa: E402
+from rclpy.event_handler import (PublisherEventCallbacks,  # noqa: E402
+                                 SubscriptionEventCallbacks)
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn  # noqa: E402
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSPolicyKind,  # noqa: E402
                        QoSProfile, ReliabilityPolicy)
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
+from orcnn_core.backends import BACKENDS  # noqa: E402  (imports no torch)
 from orcnn_ros import conversions  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
 
 __all__ = ["PerceptionNode", "default_model_path", "bundled_model_candidates", "main",
-           "BUNDLED_MODEL", "PARAMETERS"]
+           "exit_process", "fresh_frame_wait", "BUNDLED_MODEL", "PARAMETERS"]
 
 BUNDLED_MODEL = "orcnn_demo.safetensors"
 NODE_NAME = "orcnn_perception"
@@ -89,6 +114,10 @@ PARAMETERS = {
                    "bundled model share/orcnn_ros/models/" + BUNDLED_MODEL, True, None),
     "device": ("auto", "inference device: auto (CUDA when available), cpu, cuda or cuda:N",
                True, None),
+    "backend": ("eager", "inference back-end: eager (torch), torchscript, onnxruntime, or "
+                "tensorrt (CUDA); the fixed-size ones build a graph on the first frame of each "
+                "size and after a score_threshold or max_instances change (seconds, logged)",
+                True, None),
     "score_threshold": (0.5, "minimum detection score of a published instance", False,
                         (0.0, 1.0)),
     "max_instances": (50, "at most this many instances per frame (the highest scores)",
@@ -106,8 +135,14 @@ PARAMETERS = {
                     "for compressed), rgb or bgr (for cameras that mislabel their frames)",
                     False, None),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages", True, (0.1, 60.0)),
+    "fresh_frame_wait": (1.0, "when the frame waiting for the model is older than a tenth "
+                         "of the camera interval, wait up to this many camera intervals "
+                         "(estimated from arrival times) for the next frame instead, so that "
+                         "results are about one inference old; 0: process it at once",
+                         False, (0.0, 2.0)),
 }
-CHOICES = {"qos_reliability": ("best_effort", "reliable"), "color_order": conversions.COLOR_ORDERS}
+CHOICES = {"qos_reliability": ("best_effort", "reliable"), "color_order": conversions.COLOR_ORDERS,
+           "backend": BACKENDS}
 
 
 def _descriptor(name: str) -> ParameterDescriptor:
@@ -124,6 +159,27 @@ def _descriptor(name: str) -> ParameterDescriptor:
         descriptor.integer_range = [IntegerRange(from_value=limits[0], to_value=limits[1],
                                                  step=1)]
     return descriptor
+
+
+#: A frame that has waited longer than this fraction of the camera interval is stale: the
+#: worker waits for the next one (see fresh_frame_wait).
+STALE_FRACTION = 0.1
+
+
+def fresh_frame_wait(age: float, interval: float, max_wait: float) -> float:
+    """Seconds the worker may wait for a newer frame before processing the one in the slot.
+
+    ``age``: seconds that frame has waited for the worker (0 when it arrived while the
+    worker was idle); ``interval``: camera interval in seconds (0 when
+    not known yet); ``max_wait``: the ``fresh_frame_wait`` parameter, in camera intervals.
+    0 (process it now) when the frame is younger than :data:`STALE_FRACTION` of the
+    interval, the interval is unknown or ``max_wait`` is 0; else ``max_wait`` intervals.
+    The worker stops waiting as soon as a frame arrives, so it waits about the time until
+    the next frame is due; the bound only matters when the camera is late or has stopped.
+    """
+    if max_wait <= 0.0 or interval <= 0.0 or age <= STALE_FRACTION * interval:
+        return 0.0
+    return max_wait * interval
 
 
 def check_parameter(name: str, value):
@@ -155,6 +211,7 @@ class Settings:
     qos_reliability: str
     qos_depth: int
     color_order: str
+    fresh_frame_wait: float
 
 
 class PerceptionNode(LifecycleNode):
@@ -165,6 +222,10 @@ class PerceptionNode(LifecycleNode):
         super().__init__(node_name, **kwargs)
         self._cond = threading.Condition()
         self._pending = None  # (message, monotonic receive time)
+        self._arrivals = deque(maxlen=9)  # receive times of the last frames
+        self._publish_lock = threading.Lock()  # orders publishing against deactivate
+        self._epoch = 0  # +1 at each deactivate; the worker's frame must be of the current
+        self._frame_epoch = 0
         self._worker = None
         self._stop_worker = False
         self._predictor = None
@@ -231,8 +292,11 @@ class PerceptionNode(LifecycleNode):
             if not path.is_file():
                 what = "the bundled model " if not settings.model_path else ""
                 raise FileNotFoundError(f"{what}{path} does not exist")
+            backend = self.get_parameter("backend").value
             predictor = Predictor.from_file(path, device=settings.device,
-                                            score_thresh=settings.score_threshold)
+                                            score_thresh=settings.score_threshold,
+                                            backend=backend)
+            predictor.backend.log = self.get_logger().info  # graph builds (fixed-size ones)
             # One inference at configure time: the first frames of a fresh model are several
             # times slower (allocator, kernel selection), which belongs to start-up.
             predictor(np.zeros((240, 320, 3), np.uint8))
@@ -250,13 +314,16 @@ class PerceptionNode(LifecycleNode):
         # Output at the namespace root: /amodal_instances without a namespace.
         self._out_pub = self.create_lifecycle_publisher(
             AmodalInstanceArray, "amodal_instances",
-            QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+            QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE),
+            event_callbacks=PublisherEventCallbacks(
+                incompatible_qos=self._on_incompatible_subscriber))
         self._debug_pub = self.create_lifecycle_publisher(
             Image, "~/debug_image", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
         self._stop_worker = False
         self._worker = threading.Thread(target=self._work, name="orcnn_inference", daemon=True)
         self._worker.start()
-        self.get_logger().info(f"model {path} loaded on {self._device}")
+        self.get_logger().info(f"model {path} loaded on {self._device}, back-end "
+                               f"{predictor.backend.describe()}")
         return super().on_configure(state)
 
     def on_activate(self, state) -> TransitionCallbackReturn:
@@ -297,12 +364,16 @@ class PerceptionNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _stop_input(self) -> None:
-        self._active = False
+        with self._publish_lock:  # once this returns, the worker publishes nothing more
+            self._active = False
         if self._subscription is not None:
             self.destroy_subscription(self._subscription)
             self._subscription = None
         with self._cond:
+            if self._pending is not None:
+                self.stats.count("dropped")
             self._pending = None
+            self._epoch += 1  # the frame in inference now is not answered after re-activate
 
     def _release(self) -> None:
         """Stop the worker and free the model (and its GPU memory)."""
@@ -333,12 +404,22 @@ class PerceptionNode(LifecycleNode):
     # ------------------------------------------------------------------ input
     def _on_image(self, msg) -> None:
         received = time.monotonic()
+        try:
+            conversions.check_message(msg)
+        except ValueError as exc:
+            self.stats.count("received")
+            self.stats.count("malformed")
+            self.get_logger().warning(
+                f"skipping malformed frame from {self._input_name}: {exc}",
+                throttle_duration_sec=5.0)
+            return
         with self._cond:
+            self.stats.count("received")
             if self._pending is not None:
                 self.stats.count("dropped")
             self._pending = (msg, received)
+            self._arrivals.append(received)
             self._cond.notify()
-        self.stats.count("received")
 
     def _on_incompatible_qos(self, info) -> None:
         if self._qos_reported:
@@ -356,22 +437,56 @@ class PerceptionNode(LifecycleNode):
             f"{policy.name} policy does not match this subscription "
             f"({self._settings.qos_reliability}); no frames arrive from it. Fix: {hint}")
 
+    def _on_incompatible_subscriber(self, info) -> None:
+        policy = QoSPolicyKind(info.last_policy_kind)
+        out_pub = self._out_pub
+        topic = out_pub.topic_name if out_pub is not None else "amodal_instances"
+        self.get_logger().warning(
+            f"incompatible QoS on {topic}: a subscriber's {policy.name} "
+            f"policy does not match this publisher (reliable, volatile, depth 5); it gets no "
+            f"results. Fix: make the subscription's {policy.name.lower()} policy compatible "
+            f"(e.g. volatile durability)", throttle_duration_sec=5.0)
+
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
+        free_since = -math.inf  # when the worker finished its last frame
         while True:
             with self._cond:
                 while self._pending is None and not self._stop_worker:
                     self._cond.wait()
                 if self._stop_worker:
                     return
+                frame = self._pending
+                # Only a frame that arrived during an inference has waited for the worker.
+                waited = time.monotonic() - frame[1] if frame[1] < free_since else 0.0
+                wait = fresh_frame_wait(waited, self._camera_interval(),
+                                        self._settings.fresh_frame_wait)
+                if wait > 0.0:
+                    # Stale: the next frame is due. One wait at most, then the newest goes.
+                    self._cond.wait_for(lambda: self._pending is not frame
+                                        or self._stop_worker, wait)
+                    if self._stop_worker:
+                        return
+                    if self._pending is None:  # deactivated meanwhile
+                        continue
                 msg, received = self._pending
                 self._pending = None
+                self._frame_epoch = self._epoch
             try:
                 self._process(msg, received)
             except Exception as exc:  # never let one frame end the node
                 self.stats.count("failed")
                 self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}",
                                         throttle_duration_sec=5.0)
+            free_since = time.monotonic()
+
+    def _camera_interval(self) -> float:
+        """Median gap between the last frames' arrivals in seconds; 0 before three frames
+        (call with ``_cond`` held)."""
+        times = list(self._arrivals)
+        if len(times) < 3:
+            return 0.0
+        return statistics.median(b - a for a, b in zip(times, times[1:]))
 
     def _apply_model_settings(self, settings: Settings) -> None:
         """Run-time score threshold and instance cap, set on the model between frames (the
@@ -392,6 +507,7 @@ class PerceptionNode(LifecycleNode):
         settings = self._settings
         predictor = self._predictor
         if predictor is None:
+            self.stats.count("dropped")
             return
         try:
             image, order = conversions.message_to_array(msg, settings.color_order)
@@ -412,10 +528,12 @@ class PerceptionNode(LifecycleNode):
         out = conversions.instance_array_msg(prediction, graph, msg.header, self._model_name,
                                              inference_ms)
         out.latency_ms = (time.monotonic() - received) * 1000.0
-        if not self._active:
-            return
-        self._out_pub.publish(out)
-        self.stats.frame_done(out.latency_ms, inference_ms, len(prediction))
+        with self._publish_lock:
+            if not self._active or self._frame_epoch != self._epoch:
+                self.stats.count("dropped")  # deactivated during its inference
+                return
+            self._out_pub.publish(out)
+            self.stats.frame_done(out.latency_ms, inference_ms, len(prediction))
         debug_pub = self._debug_pub
         if debug_pub is not None and debug_pub.get_subscription_count() > 0:
             overlay = self._overlay(image, order, prediction, graph)
@@ -441,15 +559,45 @@ class PerceptionNode(LifecycleNode):
     def _publish_diagnostics(self) -> None:
         msg = conversions.diagnostics_msg(
             self.get_clock().now().to_msg(), self.stats.snapshot(), self.lifecycle_state(),
-            self._model_name, self._device, self._problem)
+            self._model_name, self._device, self._problem,
+            backend=self.get_parameter("backend").value)
         self._diag_pub.publish(msg)
 
 
+def exit_process(code: int) -> None:
+    """End the program with ``code`` now: after :func:`main` has returned (node destroyed,
+    ROS context shut down), skipping the interpreter's teardown of torch's modules, 1-3 s of
+    CPU that would hold up launch or systemd stopping the node. Python's and the C
+    library's output buffers (console, ROS log file) are flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library symbols to reach: nothing buffered
+        pass
+    os._exit(code)
+
+
 def main(argv=None) -> int:
-    """Run the node until Ctrl-C / SIGTERM; 2 when a parameter value is invalid."""
+    """The program: run the node until Ctrl-C / SIGTERM, then return 0; 2 when a parameter
+    value is invalid. A stop request during start-up ends the process at once (status 0)."""
     from rclpy.exceptions import (InvalidParameterTypeException,
                                   InvalidParameterValueException)
 
+    starting = True
+
+    def on_stop_request(signum, frame):
+        # rclpy's handler (installed by init, calling this one after its own) shuts the
+        # context down, which ends a spinning executor cleanly. Until then nothing would
+        # notice (loading the model takes seconds), and an exception raised inside the
+        # loading of native libraries can abort the process; nothing is published yet.
+        if starting:
+            exit_process(0)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, on_stop_request)
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
     rclpy.init(args=sys.argv if argv is None else argv)
     try:
         try:
@@ -461,16 +609,26 @@ def main(argv=None) -> int:
         # its own worker thread, so a single-threaded executor never waits on the model.
         executor = SingleThreadedExecutor()
         executor.add_node(node)
+        starting = False
         try:
             executor.spin()
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
+        except Exception:
+            # A signal can shut the context down between the executor's check of it and its
+            # wait, which then fails (RCLError: context not valid): a stop all the same.
+            if rclpy.ok():
+                raise
         finally:
             node.destroy_node()
     finally:
+        starting = False
         rclpy.try_shutdown()
+        for signum, handler in previous.items():
+            if handler is not None:  # None: installed outside Python, cannot be restored
+                signal.signal(signum, handler)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

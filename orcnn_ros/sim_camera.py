@@ -3,8 +3,9 @@
     python -m orcnn_ros.sim_camera --ros-args -p rate:=10.0 -p width:=320 -p height:=240
 
 Publishes on ``image`` (remappable) at ``rate`` Hz, each frame stamped with the time it is
-sent. Scenes are rendered once at start-up (``num_scenes`` of them, cycled), so publishing
-costs next to no CPU and a 30 Hz camera does not compete with the model it feeds. With
+sent. Scenes are rendered and their messages built once at start-up (``num_scenes`` of
+them, cycled): a frame only gets its stamp before it is published, so a 30 Hz camera costs
+next to no CPU and does not compete with the model it feeds. With
 ``publish_compressed`` it also publishes PNG frames on ``image/compressed``. After
 ``num_frames`` frames (0: no limit) it stops publishing and, when run as a program, exits.
 """
@@ -91,6 +92,11 @@ class SimCamera(Node):
             order = cv2.COLOR_RGB2BGR if self.encoding == "rgb8" else None
             self.png = [cv2.imencode(".png", cv2.cvtColor(f, order) if order else f)[1]
                         .tobytes() for f in self.frames]
+        # Built once; publishing serialises a message, so one object can go out every cycle.
+        self.messages = [array_to_image_msg(f, self.encoding) for f in self.frames]
+        self.compressed = [CompressedImage(format="png", data=png) for png in self.png]
+        for msg in self.messages + self.compressed:
+            msg.header.frame_id = self.frame_id
         self.sent = 0
         self.done = False
         self.timer = self.create_timer(1.0 / self.rate, self._tick)
@@ -103,14 +109,14 @@ class SimCamera(Node):
                 self.done = True
                 self.timer.cancel()
             return
-        k = self.sent % len(self.frames)
-        msg = array_to_image_msg(self.frames[k], self.encoding)
+        k = self.sent % len(self.messages)
+        msg = self.messages[k]
         msg.header.stamp = self.get_clock().now().to_msg()
-        msg.header.frame_id = self.frame_id
         self.pub.publish(msg)
         if self.compressed_pub is not None:
-            self.compressed_pub.publish(CompressedImage(header=msg.header, format="png",
-                                                        data=self.png[k]))
+            compressed = self.compressed[k]
+            compressed.header.stamp = msg.header.stamp
+            self.compressed_pub.publish(compressed)
         self.sent += 1
 
 

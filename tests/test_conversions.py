@@ -380,3 +380,90 @@ def test_bag_infer_command_line_errors(tmp_path, capsys, tiny_model_path):
     assert result.returncode == 2, result.stderr
     assert "absent.safetensors: no such file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------- hostile headers
+def with_jpeg_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """A JPEG whose baseline frame header claims ``width`` x ``height``."""
+    data = bytearray(jpeg)
+    sof = data.find(b"\xff\xc0")
+    assert sof > 0
+    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def with_png_size(png: bytes, width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` (its CRC no longer matches)."""
+    return png[:16] + width.to_bytes(4, "big") + height.to_bytes(4, "big") + png[24:]
+
+
+def test_compressed_header_sizes_read_without_decoding():
+    from types import SimpleNamespace
+
+    bgr = np.ascontiguousarray(np.repeat(RGB[:, :, ::-1], 3, 0))  # 15 x 7
+    png = cv2.imencode(".png", bgr)[1].tobytes()
+    jpeg = cv2.imencode(".jpg", bgr)[1].tobytes()
+    # Fill bytes, a restart-style marker and an application segment before the frame header.
+    app = b"\xff\xe1" + (2 + 40).to_bytes(2, "big") + bytes(40)
+    padded = jpeg[:2] + b"\xff\xff" + app + jpeg[2:]
+    for fmt, data in (("png", png), ("jpeg", jpeg), ("jpeg", padded)):
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert decoded.shape[:2] == (15, 7)  # the reference
+        msg = CompressedImage(format=fmt, data=data)
+        assert conversions.check_compressed(msg) == (fmt, 7, 15)
+        assert conversions.check_message(msg) is None
+        # A rosbags message carries a numpy array.
+        bag_msg = SimpleNamespace(format=fmt, data=np.frombuffer(data, np.uint8))
+        assert conversions.check_compressed(bag_msg) == (fmt, 7, 15)
+        assert conversions.message_to_array(bag_msg)[0].shape == (15, 7, 3)
+    # Large but allowed: checked, not decoded here.
+    assert conversions.check_compressed(
+        CompressedImage(format="jpeg", data=with_jpeg_size(jpeg, 6000, 6000))) == \
+        ("jpeg", 6000, 6000)
+
+
+def test_compressed_frames_with_absurd_or_broken_headers_are_rejected_before_decoding():
+    bgr = np.ascontiguousarray(RGB[:, :, ::-1])
+    png = cv2.imencode(".png", bgr)[1].tobytes()
+    jpeg = cv2.imencode(".jpg", bgr)[1].tobytes()
+    bmp = cv2.imencode(".bmp", bgr)[1].tobytes()
+    cases = [
+        # libjpeg pads the missing data: this 1 kB frame would decode into 243 MB.
+        (with_jpeg_size(jpeg, 9000, 9000), "the jpeg header says 9000 x 9000 pixels"),
+        (with_jpeg_size(jpeg, 65535, 65535), "the jpeg header says 65535 x 65535"),
+        (with_png_size(png, 100_000, 100_000), "the png header says 100000 x 100000"),
+        (with_png_size(png, 0, 5), "the png header says 0 x 5"),
+        (with_jpeg_size(jpeg, 7, 0), "the jpeg header says 7 x 0"),
+        (png[:20], "png stream without a readable image header"),
+        (b"\xff\xd8\xff\xda" + bytes(64), "jpeg stream without a readable image header"),
+        (b"\xff\xd8" + b"\xff\x01" * 3000 + jpeg[2:], "jpeg stream without a readable"),
+        (bmp, "not a PNG or JPEG stream"),
+        (b"\xff\xd8junk", "not a PNG or JPEG stream"),
+    ]
+    for data, message in cases:
+        msg = CompressedImage(format="jpeg", data=data)
+        for check in (conversions.check_message, conversions.check_compressed,
+                      conversions.message_to_array):
+            with pytest.raises(ValueError, match=f"^data: {message}"):
+                check(msg)
+
+
+def test_malformed_raw_frames_allocate_nothing_from_their_header():
+    import tracemalloc
+
+    frames = [
+        Image(height=2**31, width=2**31, encoding="rgb8", step=3 * 2**31, data=b""),
+        Image(height=1, width=1, encoding="rgb8", step=2**32 - 1, data=bytes(3)),
+        Image(height=4000, width=4000, encoding="mono16", step=8000, data=bytes(100)),
+    ]
+    tracemalloc.start()
+    try:
+        for msg in frames:
+            for check in (conversions.check_message, conversions.message_to_array):
+                with pytest.raises(ValueError, match="^(height/width|data): "):
+                    check(msg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20

@@ -266,3 +266,118 @@ def test_empty_and_single_predictions():
 def test_invalid_thresholds_are_rejected(kwargs):
     with pytest.raises(InputError, match=next(iter(kwargs))):
         occlusion_graph(Prediction.empty(IMAGE), **kwargs)
+
+
+# ------------------------------------------------------- against straightforward references
+def reference_pair_overlaps(rois, crops):
+    """Pair by pair, window by window, in the documented order."""
+    out_pairs, out_pixels = [], []
+    n = len(crops)
+    for a in range(n):
+        for b in range(a + 1, n):
+            (xa, ya, wa, ha), (xb, yb, wb, hb) = rois[a].tolist(), rois[b].tolist()
+            x0, y0 = max(xa, xb), max(ya, yb)
+            x1, y1 = min(xa + wa, xb + wb), min(ya + ha, yb + hb)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            win_a = crops[a][y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+            win_b = crops[b][y0 - yb:y1 - yb, x0 - xb:x1 - xb]
+            for (p, q), count in (((a, b), np.sum((win_a == 1) & (win_b == 2))),
+                                  ((b, a), np.sum((win_b == 1) & (win_a == 2)))):
+                if count:
+                    out_pairs.append((p, q))
+                    out_pixels.append(int(count))
+    return out_pairs, out_pixels
+
+
+def reference_break_cycles(edges, pixels, ratios):
+    """The definition: while a cycle is left, drop the weakest edge lying on one (an edge
+    a -> b lies on a cycle when b reaches a)."""
+    alive, dropped = list(range(len(edges))), []
+
+    def reaches(start, goal, live):
+        seen, todo = {start}, [start]
+        while todo:
+            v = todo.pop()
+            for k in live:
+                a, b = edges[k]
+                if a == v and b not in seen:
+                    if b == goal:
+                        return True
+                    seen.add(b)
+                    todo.append(b)
+        return False
+
+    while True:
+        on_cycle = [k for k in alive if reaches(edges[k][1], edges[k][0], alive)]
+        if not on_cycle:
+            return dropped
+        weakest = min(on_cycle, key=lambda k: (pixels[k], ratios[k], edges[k]))
+        alive.remove(weakest)
+        dropped.append(weakest)
+
+
+def clustered_prediction(rng, n, size=(90, 120)):
+    """``n`` instances crowded into a small region: many overlapping pairs and cycles."""
+    height, width = size
+    rois, crops = [], []
+    for _ in range(n):
+        w, h = int(rng.integers(4, 45)), int(rng.integers(4, 45))
+        x, y = int(rng.integers(-10, 50)), int(rng.integers(-10, 40))
+        rois.append((x, y, w, h))
+        crop = rng.choice(np.array([0, 1, 2], np.uint8), size=(h, w), p=[.1, .5, .4])
+        rows = (np.arange(h) + y)[:, None]
+        cols = (np.arange(w) + x)[None, :]
+        outside = (rows < 0) | (rows >= height) | (cols < 0) | (cols >= width)
+        crop[outside & (crop == 1)] = 2  # visible pixels lie inside the image
+        crops.append(crop)
+    return Prediction(boxes=np.zeros((n, 4), np.float32),
+                      scores=rng.random(n).astype(np.float32), labels=np.ones(n, np.int64),
+                      class_names=["o"] * n, rois=np.asarray(rois, np.int32), crops=crops,
+                      image_size=size)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pair_overlaps_and_cycle_breaking_match_the_references(seed, monkeypatch):
+    import orcnn_core.occlusion as occlusion
+
+    rng = np.random.default_rng(100 + seed)
+    pred = clustered_prediction(rng, int(rng.integers(2, 25)))
+    expected_pairs, expected_pixels = reference_pair_overlaps(pred.rois, pred.crops)
+    # Small batches too, so that windows are split over several batches.
+    for batch in (occlusion.BATCH_PIXELS, 1, 500):
+        monkeypatch.setattr(occlusion, "BATCH_PIXELS", batch)
+        pairs, pixels = pair_overlaps(pred.rois, pred.crops)
+        assert pairs.dtype == np.int64 and pixels.dtype == np.int64
+        assert [tuple(p) for p in pairs.tolist()] == expected_pairs
+        assert pixels.tolist() == expected_pixels
+
+    graph = occlusion_graph(pred, min_overlap_pixels=1, min_overlap_ratio=0.0)
+    amodal = pred.amodal_areas
+    ratios = [np.float32(p / max(amodal[b], 1)) for (_, b), p in
+              zip(expected_pairs, expected_pixels)]
+    dropped = reference_break_cycles(expected_pairs, expected_pixels, ratios)
+    assert graph.dropped_edges.tolist() == [list(expected_pairs[k]) for k in dropped]
+    kept = sorted(set(range(len(expected_pairs))) - set(dropped),
+                  key=lambda k: expected_pairs[k])
+    assert graph.edges.tolist() == [list(expected_pairs[k]) for k in kept]
+    assert graph.overlap_pixels.tolist() == [expected_pixels[k] for k in kept]
+    assert graph.has_cycle == bool(dropped)
+
+
+def test_crowded_scenes_have_cycles_to_break():
+    # The reference comparison above must see cycles, or it would check little.
+    rng = np.random.default_rng(7)
+    graphs = [occlusion_graph(clustered_prediction(rng, 20), 1, 0.0) for _ in range(3)]
+    assert all(g.has_cycle and len(g.dropped_edges) >= 3 for g in graphs)
+
+
+def test_a_crop_that_does_not_fit_its_roi_is_rejected():
+    pred = prediction_from_masks([canvas_instance([(0, 0, 10, 10)], [(0, 0, 10, 5)]),
+                                  canvas_instance([(5, 5, 20, 20)], [(5, 5, 20, 20)])],
+                                 [0.5, 0.5])
+    crops = [pred.crops[0], pred.crops[1][:, :-1]]
+    with pytest.raises(InputError, match=r"crops\[1\]: shape \(15, 14\)"):
+        pair_overlaps(pred.rois, crops)
+    with pytest.raises(InputError, match="1 crops for 2 rois"):
+        pair_overlaps(pred.rois, crops[:1])

@@ -210,3 +210,159 @@ def test_init_accepts_safetensors_and_legacy_torchvision_names(tmp_path):
     assert torch.equal(after["rpn.head.conv.0.0.weight"], legacy["rpn.head.conv.weight"])
     assert report.loaded == ["rpn.head.conv.0.0.weight"]
     assert dict(report.skipped) == {"roi_heads.keypoint_head.weight": "not in this model"}
+
+
+# ------------------------------------------------------------------ files from elsewhere
+class _CreatesFile:
+    """Unpickling this would create ``path``: the marker of code run by a loader."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _write_pickle(kind, payload, path):
+    if kind == "torch.save":
+        torch.save({"model": payload}, path)
+    elif kind == "torch.save legacy":
+        torch.save({"model": payload}, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(kind.split()[-1])))
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "torch.save legacy", "pickle protocol 0",
+                                  "pickle protocol 2", "pickle protocol 5"])
+def test_pickles_that_would_run_code_are_refused_by_every_loader(saved, tmp_path, kind):
+    model, _, _ = saved
+    marker = tmp_path / "code_was_run"
+    path = tmp_path / "evil.safetensors"
+    _write_pickle(kind, _CreatesFile(marker), path)
+    for load in (load_weights, build_from_file, lambda p: Predictor.from_file(p, "cpu")):
+        with pytest.raises(InputError, match=rf"^{path}: not a safetensors file"):
+            load(path)
+    # The COCO initialisation reads torchvision .pth files, with weights_only=True.
+    with pytest.raises(InputError, match=rf"^{path}: (refused|not a safetensors file)"):
+        init_from_maskrcnn_state_dict(model, path, verbose=False)
+    assert not marker.exists()
+
+
+def _rewrite_header(src, dst, edit):
+    """Copy a safetensors file with its JSON header changed by ``edit(header)``."""
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the alignment safetensors' own writer keeps
+    dst.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    return dst
+
+
+def _edit_config(**changes):
+    def edit(header):
+        config = json.loads(header["__metadata__"]["orcnn_config"])
+        config.update(changes)
+        header["__metadata__"]["orcnn_config"] = json.dumps(config)
+    return edit
+
+
+def _set_metadata(key, value):
+    def edit(header):
+        header["__metadata__"][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_set_metadata("orcnn_config", '{"backbone": '), "orcnn_config metadata is not valid JSON"),
+    (_set_metadata("orcnn_config", "[" * 100000), "orcnn_config metadata is not valid JSON"),
+    (_set_metadata("orcnn_config", "[1, 2]"), "orcnn_config: expected a mapping, got list"),
+    (_set_metadata("orcnn_config", {"backbone": "resnet18_fpn"}),
+     r"corrupt safetensors header \(__metadata__ must map names to strings\)"),
+    (_set_metadata("format", "detectron2"), "safetensors file without ORCNN metadata"),
+    (_edit_config(min_size=10 ** 9, max_size=10 ** 9),
+     "orcnn_config: min_size 1000000000 is implausible"),
+    (_edit_config(box_detections_per_img=10 ** 9),
+     "orcnn_config: box_detections_per_img 1000000000 is implausible"),
+    (_edit_config(image_mean=[float("nan")] * 3),
+     r"orcnn_config: image_mean \[nan, nan, nan\] is implausible"),
+    (_edit_config(anchor_aspect_ratios=[0.5, float("inf")]),
+     "orcnn_config: anchor_aspect_ratios .* is implausible"),
+    (_edit_config(num_classes=-1), "orcnn_config: num_classes must be >= 2"),
+    (_edit_config(mask_head_channels=32), r"wrong shape roi_heads\.amodal_mask_head"),
+    (_edit_config(backdoor="x"), r"orcnn_config: unknown key\(s\) backdoor"),
+], ids=["cut JSON", "deep JSON", "JSON list", "config not a string", "other format",
+        "huge min_size", "huge detections", "NaN mean", "inf aspect ratio", "num_classes -1",
+        "other head width", "unknown key"])
+def test_edited_metadata_is_refused_naming_what_is_wrong(saved, tmp_path, edit, expected):
+    _, _, path = saved
+    edited = _rewrite_header(path, tmp_path / "edited.safetensors", edit)
+    with pytest.raises(InputError, match=rf"^{edited}: .*{expected}"):
+        load_weights(edited)
+
+
+def test_the_header_rewrite_itself_keeps_a_loadable_file(saved, tmp_path):
+    """Reference for the test above: an unchanged rewrite loads with equal tensors."""
+    model, cfg, path = saved
+    same = _rewrite_header(path, tmp_path / "same.safetensors", lambda header: None)
+    loaded_cfg, state = load_weights(same)
+    assert loaded_cfg == cfg
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def _foreign(state, change):
+    state = dict(state)
+    key = "roi_heads.box_predictor.cls_score.weight"
+    if change == "extra key":
+        state["roi_heads.extra_head.weight"] = torch.zeros(3)
+    elif change == "missing key":
+        del state[key]
+    elif change == "wrong shape":
+        state[key] = torch.zeros(7, 7)
+    elif change == "float64":
+        state[key] = state[key].double()
+    elif change == "int32":
+        state[key] = state[key].to(torch.int32)
+    elif change == "nan":
+        state[key] = state[key].clone()
+        state[key][0, 0] = float("nan")
+    elif change == "inf":
+        state[key] = state[key].clone()
+        state[key][0, 0] = float("-inf")
+    return state
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("extra key", r"unexpected roi_heads\.extra_head\.weight"),
+    ("missing key", r"missing roi_heads\.box_predictor\.cls_score\.weight"),
+    ("wrong shape", r"wrong shape roi_heads\.box_predictor\.cls_score\.weight \(7, 7\) "
+                    r"\(expected \(3, 64\)\)"),
+    ("float64", r"wrong dtype roi_heads\.box_predictor\.cls_score\.weight float64 \(expected "
+                r"float32 or float16 or bfloat16\)"),
+    ("int32", r"wrong dtype roi_heads\.box_predictor\.cls_score\.weight int32"),
+    ("nan", r"NaN or inf values: roi_heads\.box_predictor\.cls_score\.weight"),
+    ("inf", r"NaN or inf values: roi_heads\.box_predictor\.cls_score\.weight"),
+], ids=["extra key", "missing key", "wrong shape", "float64", "int32", "nan", "inf"])
+def test_foreign_tensors_are_refused_naming_the_tensor(saved, tmp_path, change, expected):
+    model, cfg, _ = saved
+    state = _foreign({k: v.contiguous() for k, v in model.state_dict().items()}, change)
+    path = tmp_path / f"{change.replace(' ', '_')}.safetensors"
+    save_file(state, str(path), metadata={"format": "orcnn",
+                                          "orcnn_config": json.dumps(cfg.to_dict())})
+    with pytest.raises(InputError, match=rf"^{path}: .*{expected}"):
+        load_weights(path)
+    # save_weights applies the same checks: such a file is never written by this code.
+    with pytest.raises(InputError, match=expected):
+        save_weights(state, cfg, tmp_path / "refused.safetensors")
+    assert not (tmp_path / "refused.safetensors").exists()
+
+
+def test_float16_storage_is_accepted(saved, tmp_path):
+    model, cfg, _ = saved
+    path = save_weights(model, cfg, tmp_path / "half.safetensors", dtype=torch.float16)
+    _, state = load_weights(path)
+    reference = model.state_dict()
+    assert all(state[k].dtype == torch.float16 for k in reference)
+    assert all(torch.allclose(state[k].float(), reference[k], rtol=1e-3, atol=1e-3)
+               for k in reference)
