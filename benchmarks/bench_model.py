@@ -29,11 +29,27 @@ report the larger of the two); on CUDA it is ``torch.cuda.max_memory_allocated``
 ``--json PATH`` also writes the numbers. On a shared machine use ``--threads 1``: with two
 threads on two cores, another busy process makes OpenMP threads spin and timings explode.
 
-Measured: medians on a shared 2-core CPU (load average 3-4 from other processes, so
-absolute times are inflated and only the side-by-side ratios are comparable), --threads 1,
---reps 9, 30 detections; ms ORCNN / Mask R-CNN (ratio):
+Measured with --threads 1 (CPU float32), medians on a shared 2-core machine: other processes
+kept the load average at 3-4, which inflates the absolute times several-fold; the
+side-by-side ratios are what carries over. ms ORCNN / Mask R-CNN (ratio); peak memory added
+by one inference, MB:
 
-    MEASURED FIGURES GO HERE
+    small preset 320x240, 30 detections, --reps 9
+      resnet18_fpn      inference  858 /  785 (1.09)  train 1652 / 1517 (1.09)  +51 / +89 MB
+      mobilenet_v3_fpn  inference  478 /  376 (1.27)  train  654 /  568 (1.15)  +51 / +76 MB
+      resnet50_fpn      inference 1600 / 1664 (0.96)  train 4284 / 3755 (1.14)  +72 / +94 MB
+    small preset 320x240, 10 detections   resnet18_fpn  696 /  670 (1.04)
+    small preset 640x480, 30 detections   resnet18_fpn 2045 / 2238 (0.91)
+    paper preset 640x480, 30 detections   resnet50_fpn 6157 / 5920 (1.04), --reps 5
+
+ORCNN's second mask head costs as many FLOPs as Mask R-CNN's mask head (at 30 detections
+about 40 % of Mask R-CNN's inference). Its channels-last eval mode makes up for that against
+the stock model: in the same run with ResNet-18-FPN at 320x240, ORCNN with contiguous
+weights (torchvision's layout) took 1.42x Mask R-CNN's time, with channels-last 1.07x. Mask
+R-CNN converted the same way (``model.to(memory_format=torch.channels_last)``) gains as
+much, and ORCNN then takes 1.40x (ResNet-18-FPN) and 1.55x (MobileNetV3-FPN) its time: the
+cost of the second head. Training steps differ by -2 to +15 %; the predictor column adds
+:func:`orcnn_core.predictor.label_crops` and the copies to numpy to ORCNN's inference.
 """
 
 import argparse
@@ -60,7 +76,7 @@ from torchvision.models.detection.mask_rcnn import (  # noqa: E402
     MaskRCNNHeads, MaskRCNNPredictor)
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
-from orcnn_core.config import ModelConfig  # noqa: E402
+from orcnn_core.config import BACKBONES, ModelConfig  # noqa: E402
 from orcnn_core.errors import InputError  # noqa: E402
 from orcnn_core.fileio import atomic_write_json  # noqa: E402
 from orcnn_core.model import build_backbone, build_model, roi_feature_names  # noqa: E402
@@ -341,17 +357,21 @@ def print_table(rows, threads, load):
           "| train step | params (M) | peak mem inference | peak mem train "
           "| inference ratio | train ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in [r for r in rows if r["measured"]]:
         where = f"{r['device']} {r['precision']}"
-        if not r["measured"]:
-            print(f"| {r['model']} | {r['backbone']} | {r['preset']} | {r['image']} | - | "
-                  f"{where} | not measured ({r['reason']}) | | | | | | | |")
-            continue
         print(f"| {r['model']} | {r['backbone']} | {r['preset']} | {r['image']} | "
               f"{r['detections']} | {where} | {r['inference_ms']:.1f} | "
               f"{_num(r['predictor_ms'])} | {r['train_step_ms']:.1f} | {r['params_m']:.1f} | "
               f"{_memory(r, 'inference')} | {_memory(r, 'train')} | "
               f"{r['inference_ratio']:.2f} | {r['train_ratio']:.2f} |")
+    # Configurations that were not run: one row each for all backbones.
+    skipped = {}
+    for r in rows:
+        if not r["measured"]:
+            skipped.setdefault((r["device"], r["precision"], r["reason"]), r)
+    for (device, precision, reason), r in skipped.items():
+        print(f"| {r['model']} | all | {r['preset']} | {r['image']} | - | {device} "
+              f"{precision} | not measured ({reason}) | | | | | | | |")
 
 
 def parse_size(text):
@@ -398,6 +418,11 @@ def main(argv=None):
                  if getattr(args, name) < low]
     if args.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device: must be auto, cpu or cuda, got {args.device!r}")
+    backbones = [b.strip() for b in args.backbones.split(",")]
+    problems += [f"--backbones: unknown backbone {b!r} ({', '.join(BACKBONES)})"
+                 for b in backbones if b not in BACKBONES]
+    if min(args.size) < 32:
+        problems.append(f"--size: width and height must be >= 32, got {args.size}")
     if problems:
         parser.error("; ".join(problems))  # exits 2
     if args.threads:
@@ -409,11 +434,12 @@ def main(argv=None):
     rows = []
     # Other processes on the machine distort CPU timings; the load average shows how much.
     load_before = os.getloadavg()[0]
-    for backbone in args.backbones.split(","):
-        backbone = backbone.strip()
+    for backbone in backbones:
         rows += bench_backbone(backbone, args, torch.device("cpu"), "fp32")
         for precision in precisions:
-            if cuda is None or cuda.type != "cuda":
+            if cuda is None:
+                rows += not_measured(backbone, args, precision, "--device cpu")
+            elif cuda.type != "cuda":
                 rows += not_measured(backbone, args, precision, "no CUDA device")
             elif precision == "bf16" and not torch.cuda.is_bf16_supported():
                 rows += not_measured(backbone, args, precision, "no bfloat16 on this GPU")

@@ -18,31 +18,43 @@ Back-ends (:data:`BACKENDS`):
   number of detections D is data dependent as in eager mode; before use the graph is
   compared with the eager model on a test scene (:data:`orcnn_core.export.TOLERANCES`).
   ``torch.jit.script`` is not used: it rejects ORCNN's forward (the first error it reports
-  is the dict unpacking that merges the training losses). Measured on a 2-core CPU, one thread, side by side: 0.96 x eager's
-  time on the bundled 320 x 240 model, 0.86 x on the small test model.
+  is the dict unpacking that merges the training losses).
 * ``onnxruntime``: the graph of :func:`orcnn_core.export.export_onnx_checked` for the frame
   size, exported in memory, checked against torch and run by onnxruntime's
   CPUExecutionProvider, or its CUDAExecutionProvider when the device is CUDA and the
   provider is installed (``onnxruntime-gpu``; without it the CPU provider runs and the
-  description says so). Measured as above: 0.57-0.65 x eager's time.
+  description says so).
 * ``tensorrt``: the same ONNX graph run by onnxruntime's TensorrtExecutionProvider (with the
   CUDA provider for the nodes TensorRT does not take). Needs a CUDA device and an
-  onnxruntime built with TensorRT; otherwise an :class:`InputError` says what is missing.
+  onnxruntime built with TensorRT; otherwise a :class:`BackendError` says what is missing.
   ``torch_tensorrt`` is not used: the ONNX graph is the one whose outputs are checked.
 
-``torch.compile`` is not a back-end (asking for ``compile`` raises :class:`InputError` with
+Time per image relative to eager, measured side by side by ``benchmarks/bench_backends.py``
+on a 2-core CPU with one thread (other processes running, so ratios, not absolute times,
+carry over): torchscript 0.89-0.90 and onnxruntime 0.72 on the bundled model at
+320 x 240; on a paper-size ResNet-50 model at 640 x 480 with 30 detections, where the
+convolutions dominate, both tie with eager (0.91-1.01 and 0.93-1.02 in two runs). Outputs
+differ from eager by float rounding only (boxes <= 1e-2 px, scores <= 5e-5, mask logits
+<= 2e-3; every full-image mask pixel equal).
+
+``torch.compile`` is not a back-end (asking for ``compile`` raises :class:`BackendError` with
 the reason): measured on the bundled model on a 2-core CPU, compiling took 50-165 s before
-the first result, every new detection count recompiled (7-55 s each) until torch's
-recompile limit, and it then ran no faster than eager. See :data:`REFUSED`.
+the first result, every new detection count recompiled (7-56 s each) until torch's
+recompile limit (8, reached in ``roi_align``), and it then ran no faster than eager (1.1-1.6
+x eager's time in separate runs); with ``dynamic=True`` it had not finished compiling for
+7 frames after 40 minutes. See :data:`REFUSED`.
 
 The fixed-size back-ends (torchscript, onnxruntime, tensorrt) build a graph on the first
 frame of each image size, and again when the score threshold, NMS threshold or detection
 cap of ``model.roi_heads`` change (they are constants of the graph; the ROS node changes
 the first and the last at run time). At most :data:`MAX_GRAPHS` graphs are kept, least
-recently used dropped. One build costs, measured on a 2-core CPU: torchscript 1.5-3 s,
-onnxruntime 6-7 s (export 4-5 s, check and session about 2 s); each build is logged and
-listed in ``backend.builds``. They suit a camera stream (one size); a data set of many
-image sizes pays one build per size.
+recently used dropped. One build costs, measured on a 2-core CPU: torchscript 2 s and
+onnxruntime 4-5 s (export, check against eager, session) for the bundled model at
+320 x 240, 14 s and 20-22 s for a paper-size ResNet-50 at 640 x 480; each build is logged and
+listed in ``backend.builds``. A failed build (e.g. its check against eager failed) is not
+retried for the same key: later calls raise a RuntimeError that repeats its error. These
+back-ends suit a camera stream (one size); a data set of many image sizes pays one build
+per size.
 
 Importing this module does not import torch (the ROS node reads :data:`BACKENDS` for its
 parameter descriptor before it loads a model).
@@ -64,16 +76,16 @@ from orcnn_core.errors import InputError
 if TYPE_CHECKING:  # annotations only; functions import torch when they run
     import torch
 
-__all__ = ["BACKENDS", "REFUSED", "MAX_GRAPHS", "Build", "EagerBackend", "TorchScriptBackend",
-           "OnnxRuntimeBackend", "TensorRTBackend", "create_backend", "check_backend_name",
-           "compare_detections"]
+__all__ = ["BACKENDS", "REFUSED", "MAX_GRAPHS", "BackendError", "Build", "EagerBackend",
+           "TorchScriptBackend", "OnnxRuntimeBackend", "TensorRTBackend", "create_backend",
+           "check_backend_name", "compare_detections"]
 
 BACKENDS = ("eager", "torchscript", "onnxruntime", "tensorrt")
 #: Names that are not back-ends, with the measured reason.
 REFUSED = {
     "compile": "torch.compile is not offered as a back-end: on the bundled model (2-core "
                "CPU) it compiled for 50-165 s before the first result, recompiled for every "
-               "new detection count (7-55 s each) up to torch's recompile limit, and then "
+               "new detection count (7-56 s each) up to torch's recompile limit, and then "
                "ran no faster than eager; use torchscript or onnxruntime",
 }
 #: Graphs kept per fixed-size back-end (one per image size and threshold setting).
@@ -83,13 +95,18 @@ DETECTION_KEYS = ("boxes", "labels", "scores", "amodal_mask_logits", "visible_ma
 log = logging.getLogger(__name__)
 
 
+class BackendError(InputError):
+    """The back-end asked for is unknown, refused, or cannot run here (a package or the
+    device it needs is missing); the message says which and why."""
+
+
 def check_backend_name(name) -> str:
-    """``name`` when it is one of :data:`BACKENDS`, else :class:`InputError` listing them."""
+    """``name`` when it is one of :data:`BACKENDS`, else :class:`BackendError` listing them."""
     if name in BACKENDS:
         return name
     if name in REFUSED:
-        raise InputError(f"backend {name!r}: {REFUSED[name]}")
-    raise InputError(f"backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
+        raise BackendError(f"backend {name!r}: {REFUSED[name]}")
+    raise BackendError(f"backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
 
 
 def create_backend(name: str, model, device: torch.device):
@@ -195,7 +212,8 @@ class _FixedSizeBackend:
         graph = self._graphs.get(key)
         if graph is None:
             if key in self._failed:  # a build costs seconds: not again for every frame
-                raise self._failed[key]
+                raise RuntimeError(f"{self.describe()} back-end: no graph for {width}x{height} "
+                                   f"images, its build failed: {self._failed[key]}")
             start = time.perf_counter()
             # Built outside inference mode: tracing and export need ordinary tensors.
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -264,8 +282,8 @@ class OnnxRuntimeBackend(_FixedSizeBackend):
     def __init__(self, model, device: torch.device):
         super().__init__(model, device)
         if importlib.util.find_spec("onnxruntime") is None:
-            raise InputError(f"{self.name} back-end needs the onnxruntime package (pip install "
-                             f"onnxruntime, or onnxruntime-gpu for CUDA)")
+            raise BackendError(f"{self.name} back-end needs the onnxruntime package (pip "
+                               f"install onnxruntime, or onnxruntime-gpu for CUDA)")
         import onnxruntime
 
         self.providers = self._providers(onnxruntime.get_available_providers())
@@ -325,9 +343,9 @@ class TensorRTBackend(OnnxRuntimeBackend):
 
     def _providers(self, available) -> list:
         if self.device.type != "cuda":
-            raise InputError(f"tensorrt back-end needs a CUDA device, got {self.device}")
+            raise BackendError(f"tensorrt back-end needs a CUDA device, got {self.device}")
         if "TensorrtExecutionProvider" not in available:
-            raise InputError(
+            raise BackendError(
                 "tensorrt back-end needs onnxruntime with the TensorrtExecutionProvider "
                 "(onnxruntime-gpu and TensorRT installed); this onnxruntime has "
                 + ", ".join(available))

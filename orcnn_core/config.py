@@ -161,7 +161,9 @@ class ModelConfig:
 
         Measured on 2 shared CPU cores, 1 thread (benchmarks/bench_model.py --threads 1
         --backbones resnet18_fpn,mobilenet_v3_fpn,resnet50_fpn: 320x240, 300/100 RPN
-        proposals, 30 detections), ORCNN inference / one training step:
+        proposals, 30 detections), ORCNN inference / one training step, when this preset was
+        chosen (before the channels-last inference layout; current figures in
+        docs/performance.md):
 
             resnet18_fpn      185 ms / 294 ms   16.8 M parameters
             mobilenet_v3_fpn  113 ms / 177 ms    8.3 M

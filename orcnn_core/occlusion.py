@@ -27,7 +27,6 @@ top come first, the most confident and least occluded of them first; the first e
 best object to pick now.
 """
 
-import heapq
 import math
 from dataclasses import dataclass
 
@@ -67,8 +66,12 @@ class OcclusionGraph:
         return self.edges[self.edges[:, 1] == index, 0]
 
 
-#: Window pixels compared in one batch: bounds the temporary index arrays (8 bytes per pixel
-#: each) when many large boxes overlap.
+#: Intersection windows up to this many pixels are compared together, by gathering their
+#: pixels (no Python loop over pairs); larger ones one by one on views of the crops, where
+#: the pixel work outweighs the loop.
+LOOP_PIXELS = 1500
+#: Window pixels gathered in one batch: bounds the temporary index arrays (8 bytes per pixel
+#: each) when many boxes overlap.
 BATCH_PIXELS = 1 << 20
 
 
@@ -82,53 +85,69 @@ def pair_overlaps(rois: np.ndarray, crops: list):
     (``pixels > 0``): for the intersecting pairs ``a < b`` in row-major order, ``(a, b)``
     then ``(b, a)``. Raises :class:`InputError` when a crop's shape is not its roi's.
 
-    All intersection windows are compared at once (numpy gathers over the windows' pixels,
-    no Python loop over pairs), :data:`BATCH_PIXELS` window pixels at a time.
+    Small intersection windows are compared together (numpy gathers over their pixels,
+    :data:`BATCH_PIXELS` at a time), windows above :data:`LOOP_PIXELS` one by one.
     """
     rois = np.asarray(rois, np.int64).reshape(-1, 4)
     n = rois.shape[0]
     if len(crops) != n:
         raise InputError(f"crops: {len(crops)} crops for {n} rois")
-    x0, y0, width, height = (rois[:, k] for k in range(4))
-    shapes = [np.shape(c) for c in crops]
+    crops = [np.asarray(c) for c in crops]
+    x0, y0, width, height = rois.T
+    shapes = [c.shape for c in crops]
     if shapes != list(zip(height.tolist(), width.tolist())):
         i = next(i for i, s in enumerate(shapes) if s != (height[i], width[i]))
         raise InputError(f"crops[{i}]: shape {shapes[i]} is not the roi's height x width "
                          f"{height[i]} x {width[i]}")
-    empty = (np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
     if n < 2:
-        return empty
+        return _no_pairs()
     x1, y1 = x0 + width, y0 + height
     # Intersection of every pair of boxes at once; only intersecting pairs are compared.
     ix0 = np.maximum(x0[:, None], x0[None, :])
     iy0 = np.maximum(y0[:, None], y0[None, :])
     ix1 = np.minimum(x1[:, None], x1[None, :])
     iy1 = np.minimum(y1[:, None], y1[None, :])
-    a, b = np.nonzero(np.triu((ix1 > ix0) & (iy1 > iy0), k=1))
+    a, b = np.nonzero((ix1 > ix0) & (iy1 > iy0))
+    upper = a < b
+    a, b = a[upper], b[upper]
     if not a.size:
-        return empty
+        return _no_pairs()
     wx0, wy0 = ix0[a, b], iy0[a, b]
     win_w, win_h = ix1[a, b] - wx0, iy1[a, b] - wy0
-    # Every crop in one flat array, relabelled 1 visible, 2 hidden, 0 anything else.
-    flat = np.concatenate([np.asarray(c).reshape(-1) for c in crops])
-    labels = (flat == VISIBLE).astype(np.uint8)
-    labels[flat == HIDDEN] = HIDDEN
+    # Every crop in one flat array of labels: 1 visible, 2 hidden, 0 anything else.
+    labels = np.concatenate([c.reshape(-1) for c in crops])
+    if labels.dtype != np.uint8 or labels.max() > HIDDEN:
+        labels = np.where(labels == VISIBLE, VISIBLE,
+                          np.where(labels == HIDDEN, HIDDEN, 0)).astype(np.uint8)
     sizes = width * height
     offsets = np.cumsum(sizes) - sizes
     # Flat position of each window's top-left pixel in a's crop and in b's crop.
     corner_a = offsets[a] + (wy0 - y0[a]) * width[a] + (wx0 - x0[a])
     corner_b = offsets[b] + (wy0 - y0[b]) * width[b] + (wx0 - x0[b])
+    area = win_w * win_h
     counts = np.empty((a.size, 2), np.int64)
-    batch = np.cumsum(win_w * win_h) // BATCH_PIXELS
-    cuts = [0, *(np.flatnonzero(np.diff(batch)) + 1).tolist(), a.size]
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
-        counts[lo:hi] = _window_overlaps(labels, corner_a[lo:hi], width[a[lo:hi]],
-                                         corner_b[lo:hi], width[b[lo:hi]],
-                                         win_w[lo:hi], win_h[lo:hi])
-    pairs = np.stack([np.stack([a, b], 1), np.stack([b, a], 1)], 1).reshape(-1, 2)
+    small = np.flatnonzero(area <= LOOP_PIXELS)
+    if small.size:
+        batch = np.cumsum(area[small]) // BATCH_PIXELS
+        for part in np.split(small, np.flatnonzero(np.diff(batch)) + 1):
+            counts[part] = _window_overlaps(labels, corner_a[part], width[a[part]],
+                                            corner_b[part], width[b[part]],
+                                            win_w[part], win_h[part])
+    large = np.flatnonzero(area > LOOP_PIXELS)
+    if large.size:
+        counts[large] = _sliced_overlaps(crops, x0.tolist(), y0.tolist(), a[large], b[large],
+                                         wx0[large], wy0[large], win_w[large], win_h[large])
+    # (a, b) then (b, a) for every pair.
+    pairs = np.empty((a.size, 2, 2), np.int64)
+    pairs[:, 0, 0] = pairs[:, 1, 1] = a
+    pairs[:, 0, 1] = pairs[:, 1, 0] = b
     pixels = counts.reshape(-1)
     keep = pixels > 0
-    return pairs[keep].astype(np.int64), pixels[keep]
+    return pairs.reshape(-1, 2)[keep], pixels[keep]
+
+
+def _no_pairs():
+    return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
 
 
 def _window_overlaps(labels, corner_a, width_a, corner_b, width_b, win_w, win_h):
@@ -151,6 +170,24 @@ def _window_overlaps(labels, corner_a, width_a, corner_b, width_b, win_w, win_h)
     return np.stack([np.add.reduceat(code == 3 * VISIBLE + HIDDEN, window_start, dtype=np.int64),
                      np.add.reduceat(code == 3 * HIDDEN + VISIBLE, window_start, dtype=np.int64)],
                     1)
+
+
+def _sliced_overlaps(crops, x0, y0, a, b, wx0, wy0, win_w, win_h):
+    """Overlap counts in W windows one by one: window k is ``win_h[k] x win_w[k]`` at image
+    position ``(wx0[k], wy0[k])`` in crops ``a[k]`` and ``b[k]`` (``x0``, ``y0``: the rois'
+    corners). Returns int64 [W, 2] like :func:`_window_overlaps`."""
+    visible, hidden = {}, {}
+    counts = np.empty((len(a), 2), np.int64)
+    for k, (i, j, x, y, w, h) in enumerate(zip(a.tolist(), b.tolist(), wx0.tolist(),
+                                               wy0.tolist(), win_w.tolist(), win_h.tolist())):
+        for m in (i, j):
+            if m not in visible:
+                visible[m], hidden[m] = crops[m] == VISIBLE, crops[m] == HIDDEN
+        in_i = (slice(y - y0[i], y - y0[i] + h), slice(x - x0[i], x - x0[i] + w))
+        in_j = (slice(y - y0[j], y - y0[j] + h), slice(x - x0[j], x - x0[j] + w))
+        counts[k, 0] = np.count_nonzero(visible[i][in_i] & hidden[j][in_j])
+        counts[k, 1] = np.count_nonzero(visible[j][in_j] & hidden[i][in_i])
+    return counts
 
 
 def _check_thresholds(min_overlap_pixels, min_overlap_ratio) -> None:
@@ -248,27 +285,26 @@ def _reaches(succ: list, start: int, goal: int) -> bool:
     return False
 
 
-def _layers(n: int, edges: np.ndarray) -> np.ndarray:
-    """Longest chain of occluders above each node of a DAG (Kahn's algorithm)."""
-    layers = np.zeros(n, np.int64)
-    indegree = np.zeros(n, np.int64)
+def _layers(n: int, edges: list):
+    """Longest chain of occluders above each node (Kahn's algorithm): int64 [n], or None
+    when the graph has a cycle."""
+    layers = [0] * n
+    indegree = [0] * n
     succ = [[] for _ in range(n)]
-    for a, b in edges.tolist():
+    for a, b in edges:
         succ[a].append(b)
         indegree[b] += 1
     ready = [i for i in range(n) if indegree[i] == 0]
-    heapq.heapify(ready)
     seen = 0
     while ready:
-        v = heapq.heappop(ready)
+        v = ready.pop()
         seen += 1
         for w in succ[v]:
             layers[w] = max(layers[w], layers[v] + 1)
             indegree[w] -= 1
             if indegree[w] == 0:
-                heapq.heappush(ready, w)
-    assert seen == n, "occlusion graph still has a cycle"
-    return layers
+                ready.append(w)
+    return np.asarray(layers, np.int64) if seen == n else None
 
 
 def occlusion_graph(prediction, min_overlap_pixels: int = 20,
@@ -290,11 +326,15 @@ def occlusion_graph(prediction, min_overlap_pixels: int = 20,
     pairs, pixels, ratios = pairs[keep], pixels[keep], ratios[keep]
 
     edge_list = [tuple(e) for e in pairs.tolist()]
-    alive, dropped = _break_cycles(n, edge_list, pixels.tolist(), ratios.tolist())
+    layers = _layers(n, edge_list)  # the cycle search only when there is a cycle
+    if layers is None:
+        alive, dropped = _break_cycles(n, edge_list, pixels.tolist(), ratios.tolist())
+        layers = _layers(n, [edge_list[k] for k in alive])
+    else:
+        alive, dropped = range(len(edge_list)), []
     dropped_edges = pairs[dropped].reshape(-1, 2)
     kept = np.asarray(sorted(alive, key=lambda k: edge_list[k]), np.int64)
     edges = pairs[kept].reshape(-1, 2)
-    layers = _layers(n, edges)
 
     scores = np.asarray(prediction.scores, np.float64).reshape(n)
     occlusion = np.asarray(prediction.occlusion_ratios, np.float64).reshape(n)

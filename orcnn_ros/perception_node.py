@@ -70,7 +70,7 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSPolicyKind,  # noqa: 
                        QoSProfile, ReliabilityPolicy)
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from orcnn_core.backends import BACKENDS  # noqa: E402  (imports no torch)
+from orcnn_core.backends import BACKENDS, BackendError  # noqa: E402  (imports no torch)
 from orcnn_ros import conversions  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
 
@@ -297,14 +297,19 @@ class PerceptionNode(LifecycleNode):
                                             score_thresh=settings.score_threshold,
                                             backend=backend)
             predictor.backend.log = self.get_logger().info  # graph builds (fixed-size ones)
+            # The cap the worker sets before each frame: a fixed-size back-end's graph for
+            # the warm-up below is then the one frames of that size use.
+            predictor.model.roi_heads.detections_per_img = int(settings.max_instances)
             # One inference at configure time: the first frames of a fresh model are several
             # times slower (allocator, kernel selection), which belongs to start-up.
             predictor(np.zeros((240, 320, 3), np.uint8))
         except Exception as exc:  # InputError (bad file), FileNotFoundError, CUDA errors
             self._problem = f"cannot load the model: {exc}"
+            hint = "set the backend parameter to one that runs here" \
+                if isinstance(exc, BackendError) \
+                else "set the model_path parameter to an ORCNN .safetensors file"
             self.get_logger().error(
-                f"configure failed, node stays unconfigured: {self._problem} (set the "
-                f"model_path parameter to an ORCNN .safetensors file)")
+                f"configure failed, node stays unconfigured: {self._problem} ({hint})")
             return TransitionCallbackReturn.FAILURE
         self._problem = ""
         self._predictor = predictor
@@ -420,6 +425,9 @@ class PerceptionNode(LifecycleNode):
             self._pending = (msg, received)
             self._arrivals.append(received)
             self._cond.notify()
+        # Let the worker take the GIL now rather than after the executor's bookkeeping that
+        # follows this callback (most of a millisecond before the frame is converted).
+        time.sleep(0)
 
     def _on_incompatible_qos(self, info) -> None:
         if self._qos_reported:

@@ -139,14 +139,15 @@ def idle(node):
     return node._pending is None and in_node(node) == 0
 
 
-def set_fresh_frame_wait(node, value):
+def set_fresh_frame_wait(node, value, expect=True):
     (result,) = node.set_parameters([Parameter("fresh_frame_wait", value=value)])
-    assert result.successful, result.reason
+    assert result.successful == expect, result.reason
 
 
-def stale_frame_scenario(client, scene):
+def stale_frame_scenario(client, scene, c_after_b_taken=False):
     """A frame B that arrives while the model works on A has waited most of an inference
-    when A is done; C is sent as soon as A's answer arrives. Returns (A, B, C) stamps."""
+    when A is done; C is sent as soon as A's answer arrives (``c_after_b_taken``: once the
+    worker has taken B). Returns the stamps of A, B and C."""
     node = client.perception
     # The node learns the camera interval (0.1 s) from these.
     for _ in range(8):
@@ -158,6 +159,9 @@ def stale_frame_scenario(client, scene):
                       "the worker to take frame A")
     b = client.publish(scene)
     client.spin_until(lambda: client.answered(a), 60, "the answer to A")
+    if c_after_b_taken:
+        client.spin_until(lambda: node._pending is None and in_node(node) == 1, 30,
+                          "the worker to take frame B")
     c = client.publish(scene)
     client.spin_until(lambda: idle(node) and client.answered(c), 60, "the answer to C")
     client.spin_for(0.3)  # a late answer to B would show up by now
@@ -167,10 +171,14 @@ def stale_frame_scenario(client, scene):
 def test_a_stale_frame_gives_way_to_the_next_one(client):
     node = client.perception
     scene = next(iter(generate_samples(1, 3, SynthConfig(width=WIDTH, height=HEIGHT)))).image
+    set_fresh_frame_wait(node, 2.5, expect=False)  # beyond the range (0..2)
+    set_fresh_frame_wait(node, -0.1, expect=False)
+    assert node.get_parameter("fresh_frame_wait").value == 1.0
     try:
         # Off: the frame waiting in the slot is processed as soon as the model is free.
+        # (C goes out once B is taken: sooner, it could replace B on a loaded machine.)
         set_fresh_frame_wait(node, 0.0)
-        a, b, c = stale_frame_scenario(client, scene)
+        a, b, c = stale_frame_scenario(client, scene, c_after_b_taken=True)
         assert client.answered(a) and client.answered(b) and client.answered(c)
 
         # On (up to two camera intervals, 0.2 s): B is dropped for C. The timing of one try

@@ -344,9 +344,11 @@ def test_pair_overlaps_and_cycle_breaking_match_the_references(seed, monkeypatch
     rng = np.random.default_rng(100 + seed)
     pred = clustered_prediction(rng, int(rng.integers(2, 25)))
     expected_pairs, expected_pixels = reference_pair_overlaps(pred.rois, pred.crops)
-    # Small batches too, so that windows are split over several batches.
-    for batch in (occlusion.BATCH_PIXELS, 1, 500):
+    # Every window gathered (in one batch or several) or sliced one by one, or a mix.
+    for batch, loop in ((occlusion.BATCH_PIXELS, occlusion.LOOP_PIXELS), (1 << 30, 1 << 30),
+                        (1, 1 << 30), (500, 1 << 30), (1 << 30, 0), (500, 100)):
         monkeypatch.setattr(occlusion, "BATCH_PIXELS", batch)
+        monkeypatch.setattr(occlusion, "LOOP_PIXELS", loop)
         pairs, pixels = pair_overlaps(pred.rois, pred.crops)
         assert pairs.dtype == np.int64 and pixels.dtype == np.int64
         assert [tuple(p) for p in pairs.tolist()] == expected_pairs
@@ -381,3 +383,22 @@ def test_a_crop_that_does_not_fit_its_roi_is_rejected():
         pair_overlaps(pred.rois, crops)
     with pytest.raises(InputError, match="1 crops for 2 rois"):
         pair_overlaps(pred.rois, crops[:1])
+
+
+def test_labels_other_than_visible_and_hidden_count_as_background(monkeypatch):
+    import orcnn_core.occlusion as occlusion
+
+    rng = np.random.default_rng(3)
+    pred = clustered_prediction(rng, 12)
+    expected = pair_overlaps(pred.rois, pred.crops)
+    assert len(expected[0]) > 5
+    for dtype, junk in ((np.uint8, 7), (np.int16, -1), (np.int64, 3)):
+        crops = []
+        for crop in pred.crops:
+            noisy = crop.astype(dtype)
+            noisy[(crop == 0) & (rng.random(crop.shape) < 0.5)] = junk
+            crops.append(noisy)
+        for loop in (0, 1 << 30):  # sliced and gathered
+            monkeypatch.setattr(occlusion, "LOOP_PIXELS", loop)
+            pairs, pixels = pair_overlaps(pred.rois, crops)
+            assert np.array_equal(pairs, expected[0]) and np.array_equal(pixels, expected[1])
