@@ -80,7 +80,8 @@ from orcnn_core.config import BACKBONES, ModelConfig  # noqa: E402
 from orcnn_core.errors import InputError  # noqa: E402
 from orcnn_core.fileio import atomic_write_json  # noqa: E402
 from orcnn_core.model import build_backbone, build_model, roi_feature_names  # noqa: E402
-from orcnn_core.predictor import Predictor, resolve_device  # noqa: E402
+from orcnn_core.devices import resolve_device  # noqa: E402
+from orcnn_core.predictor import Predictor  # noqa: E402
 
 # Anchor sizes (one per feature map) scaled for the image size: the 5-level FPN of the
 # ResNets, the 3 maps of torchvision's MobileNetV3 FPN.

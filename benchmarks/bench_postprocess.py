@@ -42,8 +42,9 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from orcnn_core.errors import InputError  # noqa: E402
 from orcnn_core.fileio import atomic_write_json  # noqa: E402
-from orcnn_core.predictor import (  # noqa: E402
-    HIDDEN, VISIBLE, Prediction, label_crops, resolve_device)
+from orcnn_core.devices import resolve_device  # noqa: E402
+from orcnn_core.prediction import HIDDEN, VISIBLE, Prediction  # noqa: E402
+from orcnn_core.predictor import label_crops  # noqa: E402
 
 
 def synthetic_detections(count, width, height, cells=28, seed=0):

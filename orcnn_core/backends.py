@@ -15,52 +15,31 @@ Back-ends (:data:`BACKENDS`):
 * ``torchscript``: the forward for one image size traced by ``torch.jit.trace`` (through
   :class:`orcnn_core.export.FixedSizeORCNN`) and frozen (batch norm folded into the
   convolutions). NMS, the score threshold and the box selection stay in the graph, so the
-  number of detections D is data dependent as in eager mode; before use the graph is
-  compared with the eager model on a test scene (:data:`orcnn_core.export.TOLERANCES`).
-  ``torch.jit.script`` is not used: it rejects ORCNN's forward (the first error it reports
-  is the dict unpacking that merges the training losses).
+  number of detections D is data dependent as in eager mode. ``torch.jit.script`` is not
+  used: it rejects ORCNN's forward (the dict unpacking that merges the training losses).
 * ``onnxruntime``: the graph of :func:`orcnn_core.export.export_onnx_checked` for the frame
-  size, exported in memory, checked against torch and run by onnxruntime's
-  CPUExecutionProvider, or its CUDAExecutionProvider when the device is CUDA and the
-  provider is installed (``onnxruntime-gpu``; without it the CPU provider runs and the
-  description says so).
+  size, exported in memory and run by onnxruntime's CPUExecutionProvider, or its
+  CUDAExecutionProvider when the device is CUDA and the provider is installed
+  (``onnxruntime-gpu``; without it the CPU provider runs and the description says so).
 * ``tensorrt``: the same ONNX graph run by onnxruntime's TensorrtExecutionProvider (with the
   CUDA provider for the nodes TensorRT does not take). Needs a CUDA device and an
   onnxruntime built with TensorRT; otherwise a :class:`BackendError` says what is missing.
   ``torch_tensorrt`` is not used: the ONNX graph is the one whose outputs are checked.
 
-Time per image relative to eager, measured side by side by ``benchmarks/bench_backends.py``
-on a 2-core CPU with one thread (other processes running, so ratios, not absolute times,
-carry over): torchscript 0.89-0.90 and onnxruntime 0.72 on the bundled model at
-320 x 240; on a paper-size ResNet-50 model at 640 x 480 with 30 detections, where the
-convolutions dominate, both tie with eager (0.91-1.01 and 0.93-1.02 in two runs). Outputs
-differ from eager by float rounding only (boxes <= 1e-2 px, scores <= 5e-5, mask logits
-<= 2e-3; every full-image mask pixel equal).
-
-``torch.compile`` is not a back-end (asking for ``compile`` raises :class:`BackendError` with
-the reason): measured on the bundled model on a 2-core CPU, compiling took 50-165 s before
-the first result, every new detection count recompiled (7-56 s each) until torch's
-recompile limit (8, reached in ``roi_align``), and it then ran no faster than eager (1.1-1.6
-x eager's time in separate runs); with ``dynamic=True`` it had not finished compiling for
-7 frames after 40 minutes. See :data:`REFUSED`.
+``torch.compile`` is not a back-end: asking for ``compile`` raises :class:`BackendError`
+with the measured reason (:data:`REFUSED`; figures in docs/performance.md).
 
 The fixed-size back-ends (torchscript, onnxruntime, tensorrt) build a graph on the first
-frame of each image size, and again when the score threshold, NMS threshold or detection
-cap of ``model.roi_heads`` change (they are constants of the graph; the ROS node changes
-the first and the last at run time). At most :data:`MAX_GRAPHS` graphs are kept, least
-recently used dropped. One build costs, measured on a 2-core CPU: torchscript 2 s and
-onnxruntime 4-5 s (export, check against eager, session) for the bundled model at
-320 x 240, 14 s and 20-22 s for a paper-size ResNet-50 at 640 x 480; each build is logged and
-listed in ``backend.builds``. A failed build (e.g. its check against eager failed) is not
-retried for the same key: later calls raise a RuntimeError that repeats its error. These
-back-ends suit a camera stream (one size); a data set of many image sizes pays one build
-per size.
-
-Importing this module does not import torch (the ROS node reads :data:`BACKENDS` for its
-parameter descriptor before it loads a model).
+frame of each image size, and again when the inference limits of the model (score
+threshold, NMS threshold, detection cap; set by
+:meth:`orcnn_core.predictor.Predictor.set_limits`) change, because they are constants of
+the graph. Each new graph is compared with the eager model on the frame that asked for it
+(:data:`orcnn_core.export.TOLERANCES`) before it is used. At most :data:`MAX_GRAPHS` graphs
+are kept, least recently used dropped. A build takes seconds (docs/performance.md); each is
+logged and listed in ``backend.builds``. A failed build is not retried for the same key:
+later calls raise a RuntimeError that repeats its message. These back-ends suit a camera
+stream (one size); a data set of many image sizes pays one build per size.
 """
-
-from __future__ import annotations
 
 import copy
 import importlib.util
@@ -69,12 +48,12 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
 
 from orcnn_core.errors import InputError
-
-if TYPE_CHECKING:  # annotations only; functions import torch when they run
-    import torch
+from orcnn_core.export import TOLERANCES, FixedSizeORCNN, export_onnx_checked
 
 __all__ = ["BACKENDS", "REFUSED", "MAX_GRAPHS", "BackendError", "Build", "EagerBackend",
            "TorchScriptBackend", "OnnxRuntimeBackend", "TensorRTBackend", "create_backend",
@@ -90,6 +69,8 @@ REFUSED = {
 }
 #: Graphs kept per fixed-size back-end (one per image size and threshold setting).
 MAX_GRAPHS = 4
+#: Failed builds remembered per fixed-size back-end (so that they fail fast).
+MAX_FAILED = 64
 DETECTION_KEYS = ("boxes", "labels", "scores", "amodal_mask_logits", "visible_mask_logits")
 
 log = logging.getLogger(__name__)
@@ -111,8 +92,6 @@ def check_backend_name(name) -> str:
 
 def create_backend(name: str, model, device: torch.device):
     """The back-end ``name`` for ``model`` (an ORCNN in eval mode, already on ``device``)."""
-    import torch
-
     check_backend_name(name)
     device = torch.device(device)
     if name == "eager":
@@ -130,8 +109,6 @@ def compare_detections(reference: dict, result: dict) -> dict:
     Returns ``{"detections": (D_reference, D_result), "labels_equal": bool}`` plus, when the
     counts agree, the max absolute difference of each float output (0.0 when D = 0).
     """
-    import torch
-
     n_ref, n_got = len(reference["boxes"]), len(result["boxes"])
     report = {"detections": (n_ref, n_got), "labels_equal": False}
     if n_ref != n_got:
@@ -184,7 +161,7 @@ class Build:
 
 class _FixedSizeBackend:
     """Shared part of the back-ends that run a graph built for one image size: the graph
-    cache, keyed by the size and the box settings baked into the graph."""
+    cache, keyed by the size and the inference limits baked into the graph."""
 
     name = ""
 
@@ -194,7 +171,9 @@ class _FixedSizeBackend:
         self.builds = []  # Build per graph built, oldest first
         self.log = log.info  # called with one line per build (the ROS node passes its own)
         self._graphs = OrderedDict()
-        self._failed = {}  # key -> the error of a failed build, raised again without retrying
+        # key -> message of a failed build, repeated without retrying. Messages only (an
+        # exception's traceback would keep the build's tensors alive), at most MAX_FAILED.
+        self._failed = OrderedDict()
 
     def describe(self) -> str:
         return self.name
@@ -205,40 +184,48 @@ class _FixedSizeBackend:
                 int(heads.detections_per_img))
 
     def __call__(self, image: torch.Tensor) -> dict:
-        import torch
-
         height, width = int(image.shape[-2]), int(image.shape[-1])
         key = self._key(height, width)
         graph = self._graphs.get(key)
         if graph is None:
-            if key in self._failed:  # a build costs seconds: not again for every frame
-                raise RuntimeError(f"{self.describe()} back-end: no graph for {width}x{height} "
-                                   f"images, its build failed: {self._failed[key]}")
-            start = time.perf_counter()
-            # Built outside inference mode: tracing and export need ordinary tensors.
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                # Tracing warns that shapes become constants (intended: one graph per size)
-                # and that the TorchScript tools are deprecated; the check against the eager
-                # model is what proves each graph right.
-                warnings.simplefilter("ignore")
-                try:
-                    graph = self._build(height, width)
-                except Exception as exc:
-                    self._failed[key] = exc
-                    raise
-            seconds = time.perf_counter() - start
-            self.builds.append(Build(height, width, seconds))
-            self.log(f"{self.describe()} back-end: graph for {width}x{height} images (score "
-                     f"threshold {key[2]:g}, at most {key[4]} detections) built in "
-                     f"{seconds:.1f} s")
-            self._graphs[key] = graph
-            while len(self._graphs) > MAX_GRAPHS:
-                self._graphs.popitem(last=False)
+            graph = self._build_and_keep(key, image)
         else:
             self._graphs.move_to_end(key)
         return self._run(graph, image)
 
-    def _build(self, height: int, width: int):
+    def _build_and_keep(self, key: tuple, image: torch.Tensor):
+        """Build the graph for ``key`` (checked on ``image``), log it and cache it."""
+        height, width = key[:2]
+        if key in self._failed:  # a build costs seconds: not again for every frame
+            raise RuntimeError(f"{self.describe()} back-end: no graph for {width}x{height} "
+                               f"images, its build failed: {self._failed[key]}")
+        start = time.perf_counter()
+        # Built outside inference mode: tracing and export need ordinary tensors.
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # Tracing warns that shapes become constants (intended: one graph per size) and
+            # that the TorchScript tools are deprecated; the check against the eager model
+            # is what proves each graph right.
+            warnings.simplefilter("ignore")
+            try:
+                graph = self._build(image.clone())
+            except Exception as exc:
+                self._failed[key] = str(exc)
+                while len(self._failed) > MAX_FAILED:
+                    self._failed.popitem(last=False)
+                raise
+        seconds = time.perf_counter() - start
+        self.builds.append(Build(height, width, seconds))
+        self.log(f"{self.describe()} back-end: graph for {width}x{height} images (score "
+                 f"threshold {key[2]:g}, at most {key[4]} detections) built in "
+                 f"{seconds:.1f} s")
+        self._graphs[key] = graph
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return graph
+
+    def _build(self, image: torch.Tensor):
+        """The graph for images of ``image``'s size, checked against the eager model on
+        ``image`` itself (the frame that asked for it)."""
         raise NotImplementedError
 
     def _run(self, graph, image: torch.Tensor) -> dict:
@@ -250,24 +237,18 @@ class TorchScriptBackend(_FixedSizeBackend):
 
     name = "torchscript"
 
-    def _build(self, height: int, width: int):
-        import torch
-
-        from orcnn_core.export import TOLERANCES, FixedSizeORCNN, check_scene
-
-        scene = check_scene(height, width)
-        image = torch.from_numpy(scene).to(self.device).permute(2, 0, 1).float().div(255)
+    def _build(self, image: torch.Tensor):
+        height, width = image.shape[-2:]
         traced = torch.jit.trace(FixedSizeORCNN(self.model, height, width), (image,),
                                  check_trace=False)
         graph = torch.jit.freeze(traced)
-        # The trace records one run; the comparison shows it generalises to the scene's
+        # The trace records one run; the comparison shows it generalises to the frame's
         # detections (tracing a branch that depends on the data would fail here).
         report = compare_detections(self.model([image])[0], self._run(graph, image))
         problems = _problems(report, TOLERANCES)
         if problems:
             raise RuntimeError(f"torchscript back-end: the traced graph for {width}x{height} "
-                               f"disagrees with the eager model on a test scene: "
-                               f"{'; '.join(problems)}")
+                               f"disagrees with the eager model: {'; '.join(problems)}")
         return graph
 
     def _run(self, graph, image: torch.Tensor) -> dict:
@@ -287,9 +268,6 @@ class OnnxRuntimeBackend(_FixedSizeBackend):
         import onnxruntime
 
         self.providers = self._providers(onnxruntime.get_available_providers())
-        # The export runs on the CPU; a model on the GPU is exported from a CPU copy.
-        self._export_model = model if device.type == "cpu" \
-            else copy.deepcopy(model).to("cpu").eval()
 
     def _providers(self, available) -> list:
         if self.device.type == "cuda" and "CUDAExecutionProvider" in available:
@@ -304,32 +282,27 @@ class OnnxRuntimeBackend(_FixedSizeBackend):
         names = [p[0] if isinstance(p, tuple) else p for p in self.providers]
         return f"{self.name} ({names[0]})"
 
-    def _build(self, height: int, width: int):
-        import numpy as np
+    def _build(self, image: torch.Tensor):
         import onnxruntime
-        import torch
 
-        from orcnn_core.export import check_scene, export_onnx_checked
-
-        source = self._export_model
-        if source is not self.model:  # the run-time settings of the model in use
-            for name in ("score_thresh", "nms_thresh", "detections_per_img"):
-                setattr(source.roi_heads, name, getattr(self.model.roi_heads, name))
-        data, _report, session = export_onnx_checked(source, height, width)
+        height, width = image.shape[-2:]
+        # The export runs on the CPU; a model on the GPU is exported from a CPU copy, made
+        # per build so that it carries the model's current inference limits.
+        source = self.model if self.device.type == "cpu" \
+            else copy.deepcopy(self.model).to("cpu").eval()
+        # The frame back to the uint8 image it came from (the Predictor divided it by 255).
+        frame = (image * 255).round_().clamp_(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+        data, _report, session = export_onnx_checked(source, height, width, check_image=frame)
         if self.providers != ["CPUExecutionProvider"]:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = max(1, torch.get_num_threads())
             session = onnxruntime.InferenceSession(data, options, providers=self.providers)
             # GPU providers set up on the first run (TensorRT builds its engines then): do
             # it here, so that it counts as part of the build.
-            image = np.ascontiguousarray(check_scene(height, width).transpose(2, 0, 1))
-            session.run(None, {"image": image.astype(np.float32) / 255})
+            session.run(None, {"image": np.ascontiguousarray(image.cpu().numpy())})
         return session
 
     def _run(self, session, image: torch.Tensor) -> dict:
-        import numpy as np
-        import torch
-
         outputs = session.run(list(DETECTION_KEYS),
                               {"image": np.ascontiguousarray(image.cpu().numpy())})
         return {key: torch.from_numpy(value).to(self.device)

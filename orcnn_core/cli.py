@@ -115,7 +115,7 @@ def _run_evaluate(args) -> int:
         if missing:
             raise InputError(f"running a model needs --weights and --data; missing "
                              f"{' and '.join(missing)}")
-        from orcnn_core.predict import run_evaluate_weights
+        from orcnn_core.commands import run_evaluate_weights
         return run_evaluate_weights(args)
     missing = [k for k, v in file_form.items() if v is None]
     if missing:
@@ -151,7 +151,7 @@ def _add_predict_parser(subparsers) -> None:
 
 
 def _run_predict(args) -> int:
-    from orcnn_core.predict import run_predict
+    from orcnn_core.commands import run_predict
     return run_predict(args)
 
 
@@ -188,7 +188,7 @@ def _add_export_parser(subparsers) -> None:
 
 
 def _run_export(args) -> int:
-    from orcnn_core.export import run_export
+    from orcnn_core.commands import run_export
     return run_export(args)
 
 

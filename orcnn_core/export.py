@@ -25,11 +25,9 @@ and compares every output; the file is written (atomically) only when all agree 
 """
 
 import io
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,8 +36,8 @@ from orcnn_core.errors import InputError
 from orcnn_core.fileio import atomic_write_bytes
 
 __all__ = ["FixedSizeORCNN", "ExportCheckError", "ExportReport", "export_onnx",
-           "export_onnx_checked", "run_export", "OUTPUT_NAMES", "TOLERANCES", "MIN_OPSET",
-           "MAX_OPSET", "DEFAULT_OPSET"]
+           "export_onnx_checked", "OUTPUT_NAMES", "TOLERANCES", "MIN_OPSET", "MAX_OPSET",
+           "DEFAULT_OPSET", "MIN_SIZE", "MAX_SIZE"]
 
 OUTPUT_NAMES = ("boxes", "labels", "scores", "amodal_mask_logits", "visible_mask_logits")
 #: Largest allowed |torch - onnxruntime| per output (labels and the detection count must be
@@ -117,15 +115,6 @@ class ExportCheckError(RuntimeError):
         self.report = report
 
 
-def check_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A deterministic RGB uint8 scene of the synthetic data set (objects the model may have
-    been trained on, so the check sees real detections rather than noise)."""
-    from orcnn_core.synth import SynthConfig, render_scene
-
-    cfg = SynthConfig(width=width, height=height)
-    return render_scene(np.random.default_rng([seed, 0]), cfg).image
-
-
 def _compare(expected, actual, report: ExportReport, tolerances: dict) -> None:
     """Fill ``report`` with the differences of torch's (``expected``) and onnxruntime's
     outputs, both in :data:`OUTPUT_NAMES` order, judged by ``tolerances``."""
@@ -154,40 +143,38 @@ def _compare(expected, actual, report: ExportReport, tolerances: dict) -> None:
                                    f"{tolerances[name]:g}")
 
 
-def export_onnx(model, path, height: int, width: int, opset: int = DEFAULT_OPSET,
-                check_image=None, tolerances=None) -> ExportReport:
+def export_onnx(model, path, height: int, width: int, *, check_image,
+                opset: int = DEFAULT_OPSET, tolerances=None) -> ExportReport:
     """Export ``model`` (an ORCNN; moved to the CPU) for ``height`` x ``width`` images to
     ``path`` and check it.
 
-    ``check_image``: RGB uint8 [height, width, 3] for the check (default :func:`check_scene`).
-    The graph is built in memory, run by onnxruntime and compared with the torch model's
-    own forward on the CPU; ``path`` is written atomically only when the check passes, else
+    ``check_image``: RGB uint8 [height, width, 3] for the check; pick one with objects the
+    model detects (an image without detections only checks the empty outputs). The graph
+    is built in memory, run by onnxruntime and compared with the torch model's own forward
+    on the CPU; ``path`` is written atomically only when the check passes, else
     :class:`ExportCheckError` is raised and nothing is written. ``tolerances`` overrides
     some of :data:`TOLERANCES`. Returns the check's report.
     """
-    data, report, _session = export_onnx_checked(model, height, width, opset, check_image,
-                                                 tolerances)
+    data, report, _session = export_onnx_checked(model, height, width, check_image=check_image,
+                                                 opset=opset, tolerances=tolerances)
     atomic_write_bytes(path, data)
     return report
 
 
-def export_onnx_checked(model, height: int, width: int, opset: int = DEFAULT_OPSET,
-                        check_image=None, tolerances=None):
+def export_onnx_checked(model, height: int, width: int, *, check_image,
+                        opset: int = DEFAULT_OPSET, tolerances=None):
     """:func:`export_onnx` without the file: ``(graph bytes, report, session)``, where
     ``session`` is the CPU onnxruntime session the check ran (reusable for inference).
     Raises :class:`ExportCheckError` when the check fails."""
     import onnx
     import onnxruntime
 
-    if check_image is not None and (np.shape(check_image) != (height, width, 3)
-                                    or np.asarray(check_image).dtype != np.uint8):
+    if np.shape(check_image) != (height, width, 3) or np.asarray(check_image).dtype != np.uint8:
         raise InputError(f"check image must be uint8 [{height}, {width}, 3] (the export "
                          f"size), got {np.shape(check_image)} "
                          f"{np.asarray(check_image).dtype}")
     model = model.to("cpu").eval()
     wrapper = FixedSizeORCNN(model, height, width)
-    if check_image is None:
-        check_image = check_scene(height, width)
     image = torch.from_numpy(np.ascontiguousarray(check_image)).permute(2, 0, 1).float() / 255
 
     start = time.perf_counter()
@@ -221,69 +208,3 @@ def export_onnx_checked(model, height: int, width: int, opset: int = DEFAULT_OPS
     if not report.ok:
         raise ExportCheckError(report)
     return data, report, session
-
-
-# ------------------------------------------------------------------------------- CLI
-def _check_int(value, name: str, low: int, high: int) -> int:
-    if value is None or not low <= value <= high:
-        raise InputError(f"{name} {value}: must be in [{low}, {high}]")
-    return int(value)
-
-
-def _read_check_image(path, height: int, width: int) -> np.ndarray:
-    import cv2
-
-    from orcnn_core.predict import read_image
-
-    try:
-        bgr = read_image(path)
-    except InputError as exc:
-        raise InputError(f"--check-image {exc}") from None
-    if bgr.shape[:2] != (height, width):  # the graph takes only the exported size
-        bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def _check_output(path: Path) -> None:
-    """Refuse an output path that cannot be written, before the (slow) export."""
-    if path.is_dir():
-        raise InputError(f"--out {path}: is a directory, expected a file name")
-    from orcnn_core.predict import check_writable_dir
-
-    check_writable_dir(path.parent, "--out")
-
-
-def run_export(args) -> int:
-    """``orcnn-core export``: export, check, print the differences; exit 1 on a failed
-    check (file not written)."""
-    from orcnn_core.weights import build_from_file
-
-    if args.format != "onnx":
-        raise InputError(f"--format {args.format}: only onnx is supported")
-    height = _check_int(args.height, "--height", MIN_SIZE, MAX_SIZE)
-    width = _check_int(args.width, "--width", MIN_SIZE, MAX_SIZE)
-    opset = _check_int(args.opset, "--opset", MIN_OPSET, MAX_OPSET)
-    out = Path(args.out)
-    _check_output(out)
-    check_image = None
-    if args.check_image is not None:
-        check_image = _read_check_image(args.check_image, height, width)
-    model = build_from_file(args.weights, device="cpu")
-    if args.score_thresh is not None:
-        from orcnn_core.predictor import Predictor
-
-        Predictor(model, device="cpu", score_thresh=args.score_thresh)  # validates, sets
-    try:
-        report = export_onnx(model, out, height, width, opset, check_image)
-    except ExportCheckError as exc:
-        print(f"orcnn-core export: error: onnxruntime disagrees with torch, {out} NOT "
-              f"written: {exc}\n  {exc.report.summary()}", file=sys.stderr)
-        return 1
-    print(f"wrote {out} ({report.num_bytes / 1e6:.1f} MB, opset {opset}, input image float32 "
-          f"[3, {height}, {width}] RGB in [0, 1]; exported in {report.export_seconds:.1f} s)")
-    print(f"onnxruntime matches torch: {report.summary()}")
-    if report.detections_torch == 0:
-        print("warning: the check image gave no detections, so only the empty outputs were "
-              "compared; pass --check-image with objects (or a lower --score-thresh)",
-              file=sys.stderr)
-    return 0

@@ -8,115 +8,18 @@ full-image masks for users who want them.
 """
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from orcnn_core.backends import check_backend_name, create_backend
+from orcnn_core.devices import resolve_device
 from orcnn_core.errors import InputError
+from orcnn_core.prediction import Prediction, paste_crops
+from orcnn_core.weights import build_from_file
 
-__all__ = ["Prediction", "Predictor", "paste_crops", "resolve_device"]
-
-BACKGROUND, VISIBLE, HIDDEN = 0, 1, 2
-
-
-@dataclass
-class Prediction:
-    """Detections of one image; N instances, all numpy.
-
-    ``boxes`` float32 [N, 4] amodal xyxy in image pixels (may exceed the image);
-    ``scores`` float32 [N]; ``labels`` int64 [N] (1..K); ``class_names`` N names;
-    ``rois`` int32 [N, 4] ``(x, y, width, height)`` of the integer amodal box
-    (``floor(x1), floor(y1), ceil(x2) - floor(x1), ceil(y2) - floor(y1)``, at least 1 x 1;
-    x and y may be negative); ``crops`` N uint8 arrays [height, width] of the roi with values
-    0 background, 1 visible, 2 amodal but hidden; ``image_size`` (height, width).
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-    class_names: list
-    rois: np.ndarray
-    crops: list
-    image_size: tuple
-    _stats: dict = field(default=None, init=False, repr=False, compare=False)
-
-    @classmethod
-    def empty(cls, image_size) -> "Prediction":
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                   np.zeros(0, np.int64), [], np.zeros((0, 4), np.int32), [],
-                   tuple(image_size))
-
-    def __len__(self) -> int:
-        return int(self.scores.shape[0])
-
-    def _counts(self) -> dict:
-        if self._stats is None:
-            height, width = self.image_size
-            amodal, visible, inside = [], [], []
-            for (x, y, w, h), crop in zip(self.rois, self.crops):
-                amodal.append(int(np.count_nonzero(crop)))
-                visible.append(int(np.count_nonzero(crop == VISIBLE)))
-                window = crop[max(-y, 0):max(min(height - y, h), 0),
-                              max(-x, 0):max(min(width - x, w), 0)]
-                inside.append(int(np.count_nonzero(window)))
-            self._stats = {k: np.asarray(v, np.int64) for k, v in
-                           (("amodal", amodal), ("visible", visible), ("inside", inside))}
-        return self._stats
-
-    @property
-    def amodal_areas(self) -> np.ndarray:
-        """int64 [N]: pixels labelled 1 or 2 (including those outside the image)."""
-        return self._counts()["amodal"]
-
-    @property
-    def visible_areas(self) -> np.ndarray:
-        """int64 [N]: pixels labelled 1."""
-        return self._counts()["visible"]
-
-    @property
-    def occlusion_ratios(self) -> np.ndarray:
-        """float32 [N]: 1 - visible area / amodal area (0 for an empty amodal mask)."""
-        amodal = self.amodal_areas
-        ratio = 1.0 - self.visible_areas / np.maximum(amodal, 1)
-        return np.where(amodal > 0, ratio, 0.0).astype(np.float32)
-
-    @property
-    def truncated(self) -> np.ndarray:
-        """bool [N]: the amodal mask reaches past the image border."""
-        return self._counts()["amodal"] > self._counts()["inside"]
-
-
-def paste_crops(prediction: Prediction):
-    """Full-image masks: ``(amodal, visible)``, each bool [N, H, W] (parts outside the image
-    are cut off)."""
-    height, width = prediction.image_size
-    n = len(prediction)
-    amodal = np.zeros((n, height, width), bool)
-    visible = np.zeros((n, height, width), bool)
-    for i, ((x, y, w, h), crop) in enumerate(zip(prediction.rois, prediction.crops)):
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        window = crop[y0 - y:y1 - y, x0 - x:x1 - x]
-        amodal[i, y0:y1, x0:x1] = window != BACKGROUND
-        visible[i, y0:y1, x0:x1] = window == VISIBLE
-    return amodal, visible
-
-
-def resolve_device(device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise a torch device name."""
-    if device == "auto" or device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device: {device!r} is not a device name (auto, cpu, cuda, "
-                         f"cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device: {device} requested but CUDA is not available")
-    return device
-
+# Prediction, paste_crops and resolve_device are re-exported: users import them from here.
+__all__ = ["Prediction", "Predictor", "paste_crops", "resolve_device", "label_crops"]
 
 #: Largest D x h_max x w_max that :func:`label_crops` resamples in one batch (16 MiB per
 #: float32 plane); more detections are processed in several batches.
@@ -212,37 +115,54 @@ class Predictor:
 
     ``backend`` runs the detector: eager (default), torchscript, onnxruntime or tensorrt
     (:mod:`orcnn_core.backends`); everything after the detections is the same for all.
-    ``self.model`` stays the eager model: its ``roi_heads`` settings apply to every back-end.
+    :meth:`set_limits` is the one place that changes the score threshold and the instance
+    cap; every back-end reads them from ``self.model``.
     """
 
     def __init__(self, model, device="auto", score_thresh=None, backend="eager"):
-        from orcnn_core.backends import check_backend_name, create_backend
-
         check_backend_name(backend)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config = model.config
-        if score_thresh is not None:
-            if isinstance(score_thresh, bool) or not isinstance(score_thresh, (int, float)) \
-                    or not 0.0 <= score_thresh <= 1.0 or math.isnan(score_thresh):
-                raise InputError(f"score_thresh must be in [0, 1], got {score_thresh!r}")
-            self.model.roi_heads.score_thresh = float(score_thresh)
+        self.set_limits(score_threshold=score_thresh)
         self.class_names = ["__background__"] + list(self.config.class_names)
         self.backend = create_backend(backend, self.model, self.device)
 
     @classmethod
     def from_file(cls, path, device="auto", score_thresh=None, backend="eager") -> "Predictor":
         """Load a weights file written by :func:`orcnn_core.weights.save_weights`."""
-        from orcnn_core.backends import check_backend_name
-        from orcnn_core.weights import build_from_file
-
         check_backend_name(backend)  # before the (slower) load
         return cls(build_from_file(path, device="cpu"), device=device,
                    score_thresh=score_thresh, backend=backend)
 
+    def set_limits(self, score_threshold=None, max_instances=None) -> None:
+        """Minimum score and maximum number of detections per image (None: unchanged).
+
+        Both apply inside the model, before the mask heads, so fewer boxes cost less; the
+        fixed-size back-ends build a new graph for a new setting (a constant of the graph).
+        """
+        if score_threshold is not None:
+            if isinstance(score_threshold, bool) \
+                    or not isinstance(score_threshold, (int, float)) \
+                    or math.isnan(score_threshold) or not 0.0 <= score_threshold <= 1.0:
+                raise InputError(f"score_thresh must be in [0, 1], got {score_threshold!r}")
+            self.model.roi_heads.score_thresh = float(score_threshold)
+        if max_instances is not None:
+            if isinstance(max_instances, bool) or not isinstance(max_instances, int) \
+                    or max_instances < 1:
+                raise InputError(f"max_instances must be an integer >= 1, got "
+                                 f"{max_instances!r}")
+            self.model.roi_heads.detections_per_img = int(max_instances)
+
     @property
     def score_thresh(self) -> float:
+        """The score threshold in use."""
         return self.model.roi_heads.score_thresh
+
+    @property
+    def max_instances(self) -> int:
+        """The most detections one image gives."""
+        return self.model.roi_heads.detections_per_img
 
     def __call__(self, image: np.ndarray, color_order: str = "rgb") -> Prediction:
         """Detect the objects of one H x W x 3 uint8 image (``color_order`` rgb or bgr)."""

@@ -3,7 +3,7 @@
 import numpy as np
 
 from orcnn_core.masks import encode
-from orcnn_core.predictor import HIDDEN, VISIBLE, Prediction
+from orcnn_core.prediction import HIDDEN, VISIBLE, Prediction
 
 
 def prediction_to_coco(prediction: Prediction, image_id: int, mask_padding: int = 0,

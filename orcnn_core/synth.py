@@ -27,6 +27,8 @@ import numpy as np
 from orcnn_core.data import AmodalSample, mask_boxes, write_amodal_coco
 from orcnn_core.errors import InputError
 from orcnn_core.fileio import atomic_write_bytes
+from orcnn_core.imageio import encode_png
+from orcnn_core.masks import encode
 
 
 @dataclass(frozen=True)
@@ -480,7 +482,7 @@ def generate_dataset(out_dir, num_images: int, seed: int, size=(320, 240),
 
     def written():
         for sample in generate_samples(num_images, seed, cfg):
-            atomic_write_bytes(out / sample.file_name, encode_png(sample.image))
+            atomic_write_bytes(out / sample.file_name, encode_png(sample.image, "rgb"))
             yield sample
 
     path = out / "annotations.json"
@@ -488,15 +490,6 @@ def generate_dataset(out_dir, num_images: int, seed: int, size=(320, 240),
                       info={"description": "orcnn-core synth", "seed": seed,
                             "width": cfg.width, "height": cfg.height})
     return path
-
-
-def encode_png(image_rgb: np.ndarray) -> bytes:
-    """PNG bytes of an RGB image (deterministic)."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def parse_size(text: str) -> tuple:
@@ -530,10 +523,9 @@ def bench(num_images: int = 200, size=(320, 240), seed: int = 0) -> dict:
     start = time.perf_counter()
     samples = list(generate_samples(num_images, seed, cfg))
     render = time.perf_counter() - start
-    from orcnn_core.masks import encode
     start = time.perf_counter()
     for s in samples:
-        encode_png(s.image)
+        encode_png(s.image, "rgb")
         for m in (s.amodal_masks, s.visible_masks, s.invisible_masks):
             [encode(x) for x in m]
     encoding = time.perf_counter() - start

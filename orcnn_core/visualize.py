@@ -1,4 +1,4 @@
-"""Overlay of a :class:`~orcnn_core.predictor.Prediction` on its image (debug images, CLI).
+"""Overlay of a :class:`~orcnn_core.prediction.Prediction` on its image (debug images, CLI).
 
 Per instance, in its class colour: the visible pixels tinted with the colour, the hidden
 pixels (label 2: occluded) tinted with a lighter tone of it, the amodal outline, and the
@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from orcnn_core.occlusion import occlusion_graph
-from orcnn_core.predictor import HIDDEN, VISIBLE, Prediction
+from orcnn_core.prediction import HIDDEN, VISIBLE, Prediction
 
 __all__ = ["draw_prediction", "class_colour", "PALETTE"]
 

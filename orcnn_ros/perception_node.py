@@ -70,7 +70,9 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSPolicyKind,  # noqa: 
                        QoSProfile, ReliabilityPolicy)
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from orcnn_core.backends import BACKENDS, BackendError  # noqa: E402  (imports no torch)
+from orcnn_core.backends import BACKENDS, BackendError  # noqa: E402
+from orcnn_core.occlusion import occlusion_graph  # noqa: E402
+from orcnn_core.predictor import Predictor  # noqa: E402
 from orcnn_ros import conversions  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
 
@@ -287,19 +289,15 @@ class PerceptionNode(LifecycleNode):
         settings = self._settings
         path = Path(settings.model_path) if settings.model_path else default_model_path()
         try:
-            from orcnn_core.predictor import Predictor
-
             if not path.is_file():
                 what = "the bundled model " if not settings.model_path else ""
                 raise FileNotFoundError(f"{what}{path} does not exist")
             backend = self.get_parameter("backend").value
-            predictor = Predictor.from_file(path, device=settings.device,
-                                            score_thresh=settings.score_threshold,
-                                            backend=backend)
+            predictor = Predictor.from_file(path, device=settings.device, backend=backend)
             predictor.backend.log = self.get_logger().info  # graph builds (fixed-size ones)
-            # The cap the worker sets before each frame: a fixed-size back-end's graph for
-            # the warm-up below is then the one frames of that size use.
-            predictor.model.roi_heads.detections_per_img = int(settings.max_instances)
+            # The limits the worker keeps: a fixed-size back-end's graph for the warm-up
+            # below is then the one frames of that size use.
+            predictor.set_limits(settings.score_threshold, settings.max_instances)
             # One inference at configure time: the first frames of a fresh model are several
             # times slower (allocator, kernel selection), which belongs to start-up.
             predictor(np.zeros((240, 320, 3), np.uint8))
@@ -497,21 +495,16 @@ class PerceptionNode(LifecycleNode):
         return statistics.median(b - a for a, b in zip(times, times[1:]))
 
     def _apply_model_settings(self, settings: Settings) -> None:
-        """Run-time score threshold and instance cap, set on the model between frames (the
-        same attributes Predictor sets at load time) so that fewer boxes reach the mask
-        heads; select_instances enforces both on the output as well."""
+        """Run-time score threshold and instance cap, set between frames through the
+        Predictor so that fewer boxes reach the mask heads; select_instances enforces both
+        on the output as well."""
         wanted = (settings.score_threshold, settings.max_instances)
         if wanted == self._applied:
             return
-        heads = getattr(self._predictor.model, "roi_heads", None)
-        if heads is not None:
-            heads.score_thresh = float(settings.score_threshold)
-            heads.detections_per_img = int(settings.max_instances)
+        self._predictor.set_limits(float(settings.score_threshold), int(settings.max_instances))
         self._applied = wanted
 
     def _process(self, msg, received: float) -> None:
-        from orcnn_core.occlusion import occlusion_graph
-
         settings = self._settings
         predictor = self._predictor
         if predictor is None:

@@ -76,8 +76,8 @@ def test_backend_matches_eager(name, eager, tiny_model_path):
 
     # The threshold is a constant of the graph: changing it builds a new one, and the
     # detection count stays data dependent (it differs between the scenes).
-    eager.model.roi_heads.score_thresh = VARYING_THRESHOLD
-    predictor.model.roi_heads.score_thresh = VARYING_THRESHOLD
+    eager.set_limits(VARYING_THRESHOLD)
+    predictor.set_limits(VARYING_THRESHOLD)
     try:
         counts = []
         with torch.inference_mode():
@@ -87,7 +87,7 @@ def test_backend_matches_eager(name, eager, tiny_model_path):
                                       f"{name}, scene {k}")
                 counts.append(len(reference["boxes"]))
     finally:
-        eager.model.roi_heads.score_thresh = 0.0
+        eager.set_limits(0.0)
     assert len(set(counts)) > 1 and min(counts) > 0, counts
     assert [(b.height, b.width) for b in predictor.backend.builds] == [(HEIGHT, WIDTH)] * 2
 

@@ -16,7 +16,7 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
 from orcnn_core.occlusion import occlusion_graph  # noqa: E402
-from orcnn_core.predictor import Prediction  # noqa: E402
+from orcnn_core.prediction import Prediction  # noqa: E402
 from orcnn_ros import conversions  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
 

@@ -5,7 +5,7 @@ import pytest
 
 from orcnn_core.errors import InputError
 from orcnn_core.occlusion import occlusion_graph, pair_overlaps
-from orcnn_core.predictor import Prediction
+from orcnn_core.prediction import Prediction
 
 IMAGE = (100, 120)  # height, width
 

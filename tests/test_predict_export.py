@@ -21,15 +21,15 @@ import pytest
 import torch
 
 from orcnn_core.cli import main
-from orcnn_core.config import ModelConfig
+from orcnn_core.commands import synthetic_check_image
 from orcnn_core.data import AmodalSample, write_amodal_coco
 from orcnn_core.export import OUTPUT_NAMES, TOLERANCES, ExportCheckError, export_onnx
 from orcnn_core.masks import decode
-from orcnn_core.model import build_model
 from orcnn_core.predictor import Predictor
 from orcnn_core.results import prediction_to_coco
 from orcnn_core.synth import generate_dataset
-from orcnn_core.weights import build_from_file, save_weights
+from orcnn_core.weights import build_from_file
+from tiny_models import NODE_MODEL, save_tiny_model
 
 torch.set_num_threads(2)
 
@@ -58,12 +58,8 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def weights(work) -> Path:
-    torch.manual_seed(0)
-    cfg = ModelConfig.small(
-        num_classes=3, class_names=CLASSES, min_size=96, max_size=128, fpn_channels=32,
-        box_head_dim=64, mask_head_channels=32, rpn_pre_nms_top_n_test=50,
-        rpn_post_nms_top_n_test=20, box_detections_per_img=10, box_score_thresh=0.0)
-    return save_weights(build_model(cfg), cfg, work / "tiny.safetensors")
+    return save_tiny_model(work / "tiny.safetensors", **dict(
+        NODE_MODEL, class_names=CLASSES, min_size=96, max_size=128, box_detections_per_img=10))
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +205,8 @@ def test_export_that_fails_its_check_writes_nothing(work, weights):
     out = work / "never.onnx"
     impossible = {name: -1.0 for name in TOLERANCES}  # no difference is below -1
     with pytest.raises(ExportCheckError) as info:
-        export_onnx(build_from_file(weights), out, HEIGHT, WIDTH, tolerances=impossible)
+        export_onnx(build_from_file(weights), out, HEIGHT, WIDTH,
+                    check_image=synthetic_check_image(HEIGHT, WIDTH), tolerances=impossible)
     assert not out.exists()
     assert not [p for p in work.iterdir() if p.name.startswith(".never.onnx")]
     report = info.value.report

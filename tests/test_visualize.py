@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from orcnn_core.occlusion import OcclusionGraph, occlusion_graph
-from orcnn_core.predictor import Prediction
+from orcnn_core.prediction import Prediction
 from orcnn_core.visualize import class_colour, draw_prediction
 
 H, W = 60, 80

@@ -1,128 +1,41 @@
-"""Running a weights file over image files: ``orcnn-core predict`` and ``evaluate --weights``.
+"""The commands over files: ``orcnn-core predict``, ``evaluate --weights`` and ``export``.
 
-Both share one path from an image file to COCO result entries (:func:`predict_file`), so
-``evaluate --weights`` gives exactly the metrics of ``predict --gt`` followed by the
-file-to-file ``evaluate``. Every input (image list, output folder, ground truth, weights)
-is checked before the first image is processed; bad input raises
-:class:`~orcnn_core.errors.InputError` naming the file or parameter.
+``predict`` and ``evaluate --weights`` share one path from an image file to COCO result
+entries (:func:`predict_file`), so ``evaluate --weights`` gives exactly the metrics of
+``predict --gt`` followed by the file-to-file ``evaluate``. Every input (image list, output
+folder, ground truth, weights) is checked before the first image is processed; bad input
+raises :class:`~orcnn_core.errors.InputError` naming the file or parameter. The command
+line (:mod:`orcnn_core.cli`) only parses arguments and calls the ``run_*`` functions here.
 """
 
-import contextlib
-import glob
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from orcnn_core.data import load_dataset
 from orcnn_core.errors import InputError
+from orcnn_core.evaluation import evaluate_loaded, format_table, load_json
+from orcnn_core.export import (MAX_OPSET, MAX_SIZE, MIN_OPSET, MIN_SIZE, ExportCheckError,
+                               export_onnx)
 from orcnn_core.fileio import atomic_write_bytes, atomic_write_json
+from orcnn_core.imageio import (check_decodable, check_output_file, check_writable_dir,
+                                encode_png, find_images, read_image)
+from orcnn_core.predictor import Predictor
+from orcnn_core.results import prediction_to_coco
+from orcnn_core.synth import SynthConfig, render_scene
+from orcnn_core.visualize import draw_prediction
+from orcnn_core.weights import build_from_file
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "read_image", "check_writable_dir",
-           "predict_file", "run_predict", "evaluate_weights", "run_evaluate_weights"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-# ------------------------------------------------------------------------------ inputs
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def find_images(spec) -> list:
-    """Image files of ``spec``: a folder (its image files, not recursive), a glob pattern
-    (``**`` recurses) or one file; sorted. No image: :class:`InputError`."""
-    spec = str(spec)
-    path = Path(spec)
-    if path.is_dir():
-        found = [p for p in path.iterdir() if p.is_file() and _is_image_name(p)]
-        where = f"folder {spec}"
-    elif path.is_file():
-        found = [path]
-        where = spec
-    else:
-        found = [Path(p) for p in glob.glob(spec, recursive=True)]
-        found = [p for p in found if p.is_file() and _is_image_name(p)]
-        where = f"pattern {spec!r}"
-    if not found:
-        raise InputError(f"--images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {where}")
-    return sorted(found)
+__all__ = ["predict_file", "run_predict", "evaluate_weights", "run_evaluate_weights",
+           "run_export"]
 
 
-@contextlib.contextmanager
-def _quiet_decoders():
-    """Silence what image decoders print on bad data while decoding one image.
-
-    cv2 logs its own warning, and libpng/libjpeg write to file descriptor 2 directly (e.g.
-    "libpng error: PNG input buffer is incomplete"); the InputError that follows names the
-    file and says it better. Descriptor 2 is pointed at /dev/null for the one call.
-    """
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        cv2.utils.logging.setLogLevel(level)
-
-
-def read_image(path) -> np.ndarray:
-    """BGR uint8 H x W x 3 image of ``path``; a file that cannot be read or decoded raises
-    :class:`InputError` naming it."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read image ({exc.strerror})") from None
-    with _quiet_decoders():
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise InputError(f"{path}: cannot decode image (not an image file, or truncated)")
-    return image
-
-
-def _check_decodable(paths) -> None:
-    """Refuse files whose header no image decoder recognises, before any model work
-    (a file with a good header but corrupt data is found when it is read)."""
-    for path in paths:
-        if not os.access(path, os.R_OK):
-            raise InputError(f"{path}: cannot read image (no permission)")
-        if not cv2.haveImageReader(str(path)):
-            raise InputError(f"{path}: not an image file cv2 can decode")
-
-
-def check_writable_dir(path, what: str) -> Path:
-    """Create folder ``path`` when missing and prove it writable with a temporary file."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".orcnn-write-test.", dir=path)
-        os.close(fd)
-        os.unlink(tmp)
-    except FileExistsError:
-        raise InputError(f"{what} {path}: exists and is not a folder") from None
-    except OSError as exc:
-        raise InputError(f"{what} {path}: cannot write there ({exc.strerror})") from None
-    return path
-
-
-def _check_output_file(path, what: str) -> None:
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{what} {path}: is a folder, expected a file name")
-    check_writable_dir(path.parent, what)
-
-
+# ------------------------------------------------------------------------------ model
 def _load_predictor(weights, device, score_thresh, backend="eager"):
-    from orcnn_core.predictor import Predictor
-
     return Predictor.from_file(weights, device=device, score_thresh=score_thresh,
                                backend=backend)
 
@@ -133,9 +46,6 @@ class _GroundTruth:
     data set (image sizes, mask padding, category order) and file name lookups."""
 
     def __init__(self, path, images_dir=None):
-        from orcnn_core.data import load_dataset
-        from orcnn_core.evaluation import load_json
-
         self.path = Path(path)
         self.dataset = load_dataset(self.path, images_dir)  # validates the whole file
         self.dict = load_json(self.path, "ground-truth")
@@ -200,8 +110,6 @@ def predict_file(predictor, path, image_id: int, mask_padding: int = 0, category
     truth's). Entries are on the canvas padded by ``mask_padding``
     (:func:`orcnn_core.results.prediction_to_coco`).
     """
-    from orcnn_core.results import prediction_to_coco
-
     image = read_image(path)
     if expected_size is not None and image.shape[:2] != tuple(expected_size):
         raise InputError(f"{path}: image is {image.shape[1]} x {image.shape[0]}, the "
@@ -226,25 +134,16 @@ def _overlay_names(paths):
             for r, n in zip(relative, names)], root
 
 
-def _encode_png(image_bgr: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", image_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def run_predict(args) -> int:
     """``orcnn-core predict``: overlays, ``predictions.json`` and (without ``--gt``)
     ``images.json`` in ``args.out``."""
-    from orcnn_core.visualize import draw_prediction
-
     paths = find_images(args.images)
     out = check_writable_dir(args.out, "--out")
     gt = None
     if args.gt is not None:
         gt = _GroundTruth(args.gt)
         indices = gt.match(paths)
-    _check_decodable(paths)
+    check_decodable(paths)
     predictor = _load_predictor(args.weights, args.device, args.score_thresh, args.backend)
     if gt is not None:
         gt.check_classes(predictor.config.class_names)
@@ -263,7 +162,7 @@ def run_predict(args) -> int:
                                                   category_ids, size)
         results.extend(entries)
         overlay = draw_prediction(image, prediction, color_order="bgr")
-        atomic_write_bytes(out / "overlays" / overlay_name, _encode_png(overlay))
+        atomic_write_bytes(out / "overlays" / overlay_name, encode_png(overlay))
         images.append({"id": image_id, "file_name": str(path.resolve().relative_to(root)),
                        "width": int(image.shape[1]), "height": int(image.shape[0])})
     took = time.perf_counter() - start
@@ -291,13 +190,11 @@ def evaluate_weights(weights, data, images_dir=None, score_thresh=None, device="
     """Metrics (:func:`orcnn_core.evaluation.evaluate_loaded`) of a weights file on the
     images of ground-truth file ``data`` (in ``images_dir``, default the file's folder).
     ``out``, when given, is only checked for writability here, before the model runs."""
-    from orcnn_core.evaluation import evaluate_loaded
-
     gt = _GroundTruth(data, images_dir)
     paths = [gt.image_path(image_id) for image_id in gt.dataset.image_ids]
-    _check_decodable(paths)
+    check_decodable(paths)
     if out is not None:
-        _check_output_file(out, "--out")
+        check_output_file(out, "--out")
     predictor = _load_predictor(weights, device, score_thresh, backend)
     gt.check_classes(predictor.config.class_names)
     results = []
@@ -312,8 +209,6 @@ def evaluate_weights(weights, data, images_dir=None, score_thresh=None, device="
 def run_evaluate_weights(args) -> int:
     """``orcnn-core evaluate --weights W --data GT.json``: print the table, write the
     metrics JSON atomically."""
-    from orcnn_core.evaluation import format_table
-
     metrics = evaluate_weights(args.weights, args.data, args.images, args.score_thresh,
                                args.device or "auto", args.out, args.backend or "eager")
     if args.out is not None:
@@ -322,4 +217,62 @@ def run_evaluate_weights(args) -> int:
         except OSError as exc:
             raise InputError(f"{args.out}: cannot write metrics ({exc.strerror})") from None
     print(format_table(metrics))
+    return 0
+
+
+# ------------------------------------------------------------------------------ export
+def _check_int(value, name: str, low: int, high: int) -> int:
+    if value is None or not low <= value <= high:
+        raise InputError(f"{name} {value}: must be in [{low}, {high}]")
+    return int(value)
+
+
+def _read_check_image(path, height: int, width: int) -> np.ndarray:
+    try:
+        bgr = read_image(path)
+    except InputError as exc:
+        raise InputError(f"--check-image {exc}") from None
+    if bgr.shape[:2] != (height, width):  # the graph takes only the exported size
+        bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def synthetic_check_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A deterministic RGB uint8 scene of the synthetic data set: objects the model may have
+    been trained on, so that the export check sees real detections rather than noise."""
+    return render_scene(np.random.default_rng([seed, 0]),
+                        SynthConfig(width=width, height=height)).image
+
+
+def run_export(args) -> int:
+    """``orcnn-core export``: export, check, print the differences; exit 1 on a failed
+    check (file not written)."""
+    if args.format != "onnx":
+        raise InputError(f"--format {args.format}: only onnx is supported")
+    height = _check_int(args.height, "--height", MIN_SIZE, MAX_SIZE)
+    width = _check_int(args.width, "--width", MIN_SIZE, MAX_SIZE)
+    opset = _check_int(args.opset, "--opset", MIN_OPSET, MAX_OPSET)
+    out = Path(args.out)
+    check_output_file(out, "--out")  # before the (slow) export
+    if args.check_image is not None:
+        check_image = _read_check_image(args.check_image, height, width)
+    else:
+        check_image = synthetic_check_image(height, width)
+    # The Predictor validates and sets the score threshold baked into the graph.
+    predictor = Predictor(build_from_file(args.weights, device="cpu"), device="cpu",
+                          score_thresh=args.score_thresh)
+    try:
+        report = export_onnx(predictor.model, out, height, width, check_image=check_image,
+                             opset=opset)
+    except ExportCheckError as exc:
+        print(f"orcnn-core export: error: onnxruntime disagrees with torch, {out} NOT "
+              f"written: {exc}\n  {exc.report.summary()}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({report.num_bytes / 1e6:.1f} MB, opset {opset}, input image float32 "
+          f"[3, {height}, {width}] RGB in [0, 1]; exported in {report.export_seconds:.1f} s)")
+    print(f"onnxruntime matches torch: {report.summary()}")
+    if report.detections_torch == 0:
+        print("warning: the check image gave no detections, so only the empty outputs were "
+              "compared; pass --check-image with objects (or a lower --score-thresh)",
+              file=sys.stderr)
     return 0
