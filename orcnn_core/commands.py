@@ -18,7 +18,7 @@ import numpy as np
 
 from orcnn_core.data import load_dataset
 from orcnn_core.errors import InputError
-from orcnn_core.evaluation import evaluate_loaded, format_table, load_json
+from orcnn_core.evaluation import evaluate_loaded, format_table
 from orcnn_core.export import (MAX_OPSET, MAX_SIZE, MIN_OPSET, MIN_SIZE, ExportCheckError,
                                export_onnx)
 from orcnn_core.fileio import atomic_write_bytes, atomic_write_json
@@ -42,15 +42,15 @@ def _load_predictor(weights, device, score_thresh, backend="eager"):
 
 # ------------------------------------------------------------------------------ ground truth
 class _GroundTruth:
-    """A D2S-amodal-style annotation file: the parsed dict (for evaluation), the validated
-    data set (image sizes, mask padding, category order) and file name lookups."""
+    """A ground-truth file (any layout :func:`orcnn_core.data.load_dataset` reads): the
+    validated data set (records for evaluation, image sizes, mask padding, category order)
+    and file name lookups."""
 
     def __init__(self, path, images_dir=None):
         self.path = Path(path)
         self.dataset = load_dataset(self.path, images_dir)  # validates the whole file
-        self.dict = load_json(self.path, "ground-truth")
         self.images_dir = self.path.parent if images_dir is None else Path(images_dir)
-        self.file_names = {entry["id"]: entry["file_name"] for entry in self.dict["images"]}
+        self.file_names = {r.image_id: r.file_name for r in self.dataset.records}
         self.category_ids = [c["id"] for c in self.dataset.categories]
 
     def check_classes(self, class_names) -> None:
@@ -203,7 +203,7 @@ def evaluate_weights(weights, data, images_dir=None, score_thresh=None, device="
         _, _, entries = predict_file(predictor, path, sample.image_id, sample.mask_padding,
                                      gt.category_ids, (sample.height, sample.width))
         results.extend(entries)
-    return evaluate_loaded(gt.dict, results, str(gt.path), f"predictions of {weights}")
+    return evaluate_loaded(gt.dataset, results, str(gt.path), f"predictions of {weights}")
 
 
 def run_evaluate_weights(args) -> int:

@@ -1,7 +1,7 @@
 """Amodal ground truth: the in-memory sample, loaders for the public formats, our writer.
 
 One internal format, :class:`AmodalSample` (see docs/data_format.md), and one reader,
-:func:`load_dataset`, for
+:func:`load_dataset` (:func:`parse_dataset` for a parsed file), for
 
 - ``d2s_amodal``: D2S amodal and COCOA cls (flat COCO; ``segmentation`` amodal,
   ``visible_mask``, optional ``invisible_mask``; RLEs may be zero padded), which is also
@@ -14,6 +14,9 @@ One internal format, :class:`AmodalSample` (see docs/data_format.md), and one re
 The whole file is validated when it is read, so a bad annotation fails at once with one
 :class:`InputError` naming the file and the annotation; masks stay compressed (RLE) and
 images on disk until a sample is asked for, so a training loop can hold a large set.
+The validated file, whatever its layout, is a list of :class:`ImageRecord` (with their
+:class:`InstanceRecord`, crowd regions included): what orcnn_core.evaluation scores
+against, so training, prediction and evaluation read every file alike.
 """
 
 import json
@@ -142,24 +145,40 @@ def mask_boxes(masks: np.ndarray, padding: int) -> np.ndarray:
     return boxes
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    """One annotated instance as read, independent of the file's layout.
+
+    Masks are compressed RLEs (str counts) on the image's padded canvas, exactly as the file
+    gives them: ``visible`` / ``invisible`` are None where the file has none, so that each
+    consumer applies its own documented default (samples: visible := amodal cleared in the
+    padding; evaluation: visible := amodal, see docs/evaluation.md).
+    """
+
+    ann_id: int
+    label: int  # 1..K, see AmodalDataset.categories
+    box: list  # xyxy, image pixels: the file's box, else the amodal mask's
+    amodal: dict
+    visible: Optional[dict] = None
+    invisible: Optional[dict] = None
+    iscrowd: bool = False  # a COCO crowd region: evaluation only, samples leave it out
+    occlude_rate: Optional[float] = None  # as given by the file, in [0, 1]
 
 
 @dataclass
-class _Record:
-    """One image's validated annotations, masks kept as RLE on the canvas."""
+class ImageRecord:
+    """One image's validated annotations, instances in file order."""
 
     image_id: int
-    file_name: str
+    file_name: str  # "" when the file names none (allowed only where no image is read)
     height: int
     width: int
     padding: int
-    ann_ids: list
-    labels: list
-    boxes: list  # xyxy, image pixels
-    amodal: list  # RLE dicts
-    visible: list
-    relations: list  # (upper index, lower index)
+    instances: list = field(default_factory=list)  # InstanceRecord
+    relations: list = field(default_factory=list)  # (upper, lower) indices into instances
 
 
 class AmodalDataset(Sequence):
@@ -167,28 +186,34 @@ class AmodalDataset(Sequence):
 
     ``categories`` lists ``{"id", "name"}`` in label order: label ``k`` is
     ``categories[k - 1]`` (labels are contiguous 1..K whatever the file's category ids).
-    Images are not read: call ``sample.load_image()``.
+    ``records`` holds the validated :class:`ImageRecord` of every image (what evaluation
+    reads); ``relations_given`` is False when the file states no occlusion relations at
+    all (then evaluation derives them from the masks). Images are not read: call
+    ``sample.load_image()``.
     """
 
-    def __init__(self, path, fmt, categories, records, images_dir, modal_only):
+    def __init__(self, path, fmt, categories, records, images_dir, relations_given):
         self.path = str(path)
         self.format = fmt
         self.categories = categories
-        self.modal_only = modal_only
-        self._records = records
+        self.modal_only = fmt == "coco"
+        self.records = records
+        self.relations_given = relations_given
         self._images_dir = Path(images_dir)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self.records)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        rec = self._records[index]
+        rec = self.records[index]
+        kept = [inst for inst in rec.instances if not inst.iscrowd]
         p = rec.padding
         hc, wc = rec.height + 2 * p, rec.width + 2 * p
-        amodal = _decode_stack(rec.amodal, hc, wc)
-        visible = _decode_stack(rec.visible, hc, wc)
+        amodal = _decode_stack([inst.amodal for inst in kept], hc, wc)
+        visible = _decode_stack([inst.amodal if inst.visible is None else inst.visible
+                                 for inst in kept], hc, wc)
         if p:
             # The padding lies outside the image: nothing there is visible.
             visible[:, :p] = 0
@@ -196,17 +221,18 @@ class AmodalDataset(Sequence):
             visible[:, :, :p] = 0
             visible[:, :, -p:] = 0
         return AmodalSample(
-            image=None, boxes=np.asarray(rec.boxes, np.float32).reshape(-1, 4),
-            labels=np.asarray(rec.labels, np.int64), amodal_masks=amodal,
+            image=None, boxes=np.asarray([inst.box for inst in kept], np.float32).reshape(-1, 4),
+            labels=np.asarray([inst.label for inst in kept], np.int64), amodal_masks=amodal,
             visible_masks=visible, mask_padding=p,
-            occlusion_relations=np.asarray(rec.relations, np.int64).reshape(-1, 2),
-            image_id=rec.image_id, file_name=rec.file_name,
-            annotation_ids=np.asarray(rec.ann_ids, np.int64),
-            image_path=str(self._images_dir / rec.file_name), modal_only=self.modal_only)
+            occlusion_relations=_sample_relations(rec), image_id=rec.image_id,
+            file_name=rec.file_name,
+            annotation_ids=np.asarray([inst.ann_id for inst in kept], np.int64),
+            image_path=str(self._images_dir / rec.file_name) if rec.file_name else None,
+            modal_only=self.modal_only)
 
     @property
     def image_ids(self) -> list:
-        return [r.image_id for r in self._records]
+        return [r.image_id for r in self.records]
 
 
 def _decode_stack(rles, hc, wc) -> np.ndarray:
@@ -215,56 +241,88 @@ def _decode_stack(rles, hc, wc) -> np.ndarray:
     return np.stack([decode(r) for r in rles])
 
 
+def _sample_relations(rec: ImageRecord) -> np.ndarray:
+    """The relations among the instances a sample keeps (crowd regions are left out)."""
+    position = {}
+    for i, inst in enumerate(rec.instances):
+        if not inst.iscrowd:
+            position[i] = len(position)
+    pairs = [(position[u], position[v]) for u, v in rec.relations
+             if u in position and v in position]
+    return np.asarray(pairs, np.int64).reshape(-1, 2)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_json(path, what: str):
+    """Parsed JSON of ``path`` (``what``: e.g. "annotation", for the message); a missing
+    file or bad JSON raises :class:`InputError`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what} file ({exc.strerror or exc})") from None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON (line {exc.lineno} col {exc.colno}: "
+                         f"{exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as exc:  # bad UTF-8, or an integer beyond Python's digit limit
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
 def load_dataset(path, images_dir=None, fmt: str = "auto") -> AmodalDataset:
-    """Read and validate an amodal (or modal) annotation file.
+    """Read and validate an amodal (or modal) annotation file (see :func:`parse_dataset`).
+
+    ``images_dir`` defaults to the file's folder. Returns a sequence of
+    :class:`AmodalSample` (decoded on access). Bad input raises :class:`InputError` naming
+    the file and the annotation.
+    """
+    path = Path(path)
+    return parse_dataset(load_json(path, "annotation"), path, fmt,
+                         path.parent if images_dir is None else images_dir)
+
+
+def parse_dataset(obj, source, fmt: str = "auto", images_dir=".",
+                  need_file_names: bool = True) -> AmodalDataset:
+    """Validate a parsed annotation file (``source`` names it in messages) into a data set.
 
     ``fmt`` is one of :data:`FORMATS` or ``"auto"`` (``regions`` → cocoa; ``a_segm``,
     ``i_segm`` or ``inmodal_seg`` → kins; ``visible_mask``, ``invisible_mask``,
     ``mask_padding``, ``occlusion_relations`` or our writer's ``info`` → d2s_amodal;
-    else modal coco).
-    ``images_dir`` defaults to the file's folder. Crowd annotations are skipped.
-    Returns a sequence of :class:`AmodalSample` (decoded on access). Bad input raises
-    :class:`InputError` naming the file and the annotation.
+    else modal coco). With ``need_file_names`` False, images may lack ``file_name``
+    (evaluation reads no images). Crowd annotations are checked and kept in the records but
+    left out of the samples.
     """
-    path = Path(path)
-    src = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{src}: cannot read: {exc.strerror or exc}") from None
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{src}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InputError(f"{src}: JSON nested too deeply to read") from None
+    src = str(source)
     if not isinstance(obj, dict):
-        raise InputError(f"{src}: top level must be a JSON object")
+        raise InputError(f"{src}: top level must be a JSON object with 'images' and "
+                         f"'annotations'")
     for key in ("images", "annotations"):
-        if key not in obj:
-            raise InputError(f"{src}: key '{key}' missing")
-        if not isinstance(obj[key], list):
-            raise InputError(f"{src}: '{key}' must be a list")
+        require_list(obj, key, src)
     if fmt == "auto":
         fmt = detect_format(obj)
     if fmt not in FORMATS:
         raise InputError(f"{src}: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
 
-    images = _parse_images(obj["images"], src)
+    images = _parse_images(obj["images"], src, need_file_names)
     if fmt == "cocoa":
         categories, specs, relations = _cocoa_specs(obj, images, src)
+        given = any(isinstance(a, dict) and "depth_constraint" in a for a in obj["annotations"])
     else:
         categories, cat_label = _parse_categories(obj, src)
         specs = _flat_specs(obj["annotations"], fmt, images, cat_label, src)
         relations = _parse_relations(obj.get("occlusion_relations", []), src)
-    records = _build_records(images, specs, relations, src)
-    return AmodalDataset(path, fmt, categories, records,
-                         path.parent if images_dir is None else images_dir,
-                         modal_only=(fmt == "coco"))
+        given = "occlusion_relations" in obj
+    records = _build_records(images, specs, relations)
+    return AmodalDataset(src, fmt, categories, records, images_dir, given)
 
 
 def detect_format(obj: dict) -> str:
-    """Name of the format of a parsed annotation file (see :func:`load_dataset`)."""
+    """Name of the format of a parsed annotation file (see :func:`parse_dataset`)."""
     anns = [a for a in obj.get("annotations", []) if isinstance(a, dict)]
     if any("regions" in a for a in anns):
         return "cocoa"
@@ -280,11 +338,16 @@ def detect_format(obj: dict) -> str:
     return "coco"
 
 
+# Checks of JSON entries, shared with the predictions reader of orcnn_core.evaluation so that
+# both files' messages read alike.
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _get(entry, key, where):
+def require(entry, key, where):
+    """``entry[key]``; a non-object entry or a missing key raises :class:`InputError`."""
     if not isinstance(entry, dict):
         raise InputError(f"{where}: must be a JSON object")
     if key not in entry:
@@ -292,13 +355,34 @@ def _get(entry, key, where):
     return entry[key]
 
 
-def _get_int(entry, key, where, minimum=None):
-    value = _get(entry, key, where)
+def require_int(entry, key, where, minimum=None) -> int:
+    value = require(entry, key, where)
     if not _is_int(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
         raise InputError(f"{where}: '{key}' must be an integer{bound}, got "
                          f"{short_repr(value)}")
+    if not -2 ** 63 <= value < 2 ** 63:  # ids end up in int64 arrays
+        raise InputError(f"{where}: '{key}' {short_repr(value)} does not fit in 64 bits")
     return int(value)
+
+
+def require_list(entry, key, where) -> list:
+    value = require(entry, key, where)
+    if not isinstance(value, list):
+        raise InputError(f"{where}: '{key}' must be a list")
+    return value
+
+
+def check_bbox(bbox, where) -> list:
+    """xyxy of a COCO ``[x, y, width, height]`` box, checked (``where`` names the box)."""
+    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+            or not all(is_number(v, 2 * MAX_CANVAS_SIDE) for v in bbox)
+            or bbox[2] < 0 or bbox[3] < 0):
+        raise InputError(f"{where}: a box must be [x, y, width, height] with width, "
+                         f"height >= 0 (each at most {2 * MAX_CANVAS_SIDE} in size), got "
+                         f"{short_repr(bbox)}")
+    x, y, w, h = (float(v) for v in bbox)
+    return [x, y, x + w, y + h]
 
 
 @dataclass
@@ -307,24 +391,28 @@ class _Image:
     file_name: str
     height: int
     width: int
-    padding: Optional[int]
+    padding: Optional[int]  # None: read off the RLE sizes
 
 
-def _parse_images(entries, src) -> dict:
+def _parse_images(entries, src, need_file_names) -> dict:
     images = {}
     for k, entry in enumerate(entries):
-        where = f"{src}: images[{k}]"
-        image_id = _get_int(entry, "id", where)
+        image_id = require_int(entry, "id", f"{src}: images[{k}]")
         where = f"{src}: image {image_id}"
         if image_id in images:
             raise InputError(f"{where}: duplicate image id")
-        file_name = _get(entry, "file_name", where)
-        if not isinstance(file_name, str) or not file_name:
+        file_name = entry.get("file_name")
+        if file_name is None and not need_file_names:
+            file_name = ""
+        elif not isinstance(file_name, str) or (need_file_names and not file_name):
+            require(entry, "file_name", where)  # a missing key says so
             raise InputError(f"{where}: 'file_name' must be a non-empty string")
-        padding = None
-        if "mask_padding" in entry:
-            padding = _get_int(entry, "mask_padding", where, minimum=0)
-        height, width = _get_int(entry, "height", where, 1), _get_int(entry, "width", where, 1)
+        # null stands for "not given", as for every optional key
+        padding = entry.get("mask_padding")
+        if padding is not None:
+            padding = require_int(entry, "mask_padding", where, minimum=0)
+        height = require_int(entry, "height", where, 1)
+        width = require_int(entry, "width", where, 1)
         check_canvas(height, width, padding or 0, where)
         images[image_id] = _Image(image_id, file_name, height, width, padding)
     return images
@@ -332,17 +420,12 @@ def _parse_images(entries, src) -> dict:
 
 def _parse_categories(obj, src):
     """Categories sorted by id, and category id -> label 1..K."""
-    entries = _get(obj, "categories", src)
-    if not isinstance(entries, list):
-        raise InputError(f"{src}: 'categories' must be a list")
     cats = {}
-    for k, entry in enumerate(entries):
-        where = f"{src}: categories[{k}]"
-        cat_id = _get_int(entry, "id", where)
+    for k, entry in enumerate(require_list(obj, "categories", src)):
+        cat_id = require_int(entry, "id", f"{src}: categories[{k}]")
         if cat_id in cats:
             raise InputError(f"{src}: category {cat_id}: duplicate category id")
-        name = entry.get("name", str(cat_id))
-        cats[cat_id] = str(name)
+        cats[cat_id] = str(entry.get("name", cat_id))
     categories = [{"id": c, "name": cats[c]} for c in sorted(cats)]
     return categories, {c["id"]: k + 1 for k, c in enumerate(categories)}
 
@@ -354,13 +437,23 @@ class _Spec:
     image_id: int
     ann_id: int
     label: int
-    where: str
+    name: str  # "annotation 7", "annotation 4: region 1"
+    where: str  # the file and the name, for messages
     amodal: object  # a COCO segmentation (RLE or polygons), as read
     amodal_key: str
-    visible: object = None  # None: visible := amodal
+    visible: object = None  # None: not given
     visible_key: str = ""
     invisible: object = None
-    bbox: object = None
+    bbox: object = None  # xyxy when given
+    iscrowd: bool = False
+    occlude_rate: Optional[float] = None
+
+    def masks(self):
+        """(segmentation, key) of the masks given."""
+        return [(segm, key) for segm, key in ((self.amodal, self.amodal_key),
+                                              (self.visible, self.visible_key),
+                                              (self.invisible, "invisible_mask"))
+                if segm is not None]
 
 
 # Amodal / visible / box keys of each flat format, in order of preference.
@@ -372,31 +465,42 @@ _FLAT_KEYS = {
 
 
 def _flat_specs(entries, fmt, images, cat_label, src) -> list:
-    amodal_keys, visible_keys, box_keys = _FLAT_KEYS[fmt]
     specs, seen = [], set()
     for k, entry in enumerate(entries):
-        ann_id = _get_int(entry, "id", f"{src}: annotations[{k}]")
-        where = f"{src}: annotation {ann_id}"
+        ann_id = require_int(entry, "id", f"{src}: annotations[{k}]")
         if ann_id in seen:
-            raise InputError(f"{where}: duplicate annotation id")
+            raise InputError(f"{src}: annotation {ann_id}: duplicate annotation id")
         seen.add(ann_id)
-        if entry.get("iscrowd", 0):
-            continue
-        image_id = _get_int(entry, "image_id", where)
-        if image_id not in images:
-            raise InputError(f"{where}: image_id {image_id} is not in 'images'")
-        cat_id = _get_int(entry, "category_id", where)
-        if cat_id not in cat_label:
-            raise InputError(f"{where}: category_id {cat_id} is not in 'categories'")
-        amodal_key = _first_key(entry, amodal_keys, where, required=True)
-        visible_key = _first_key(entry, visible_keys, where, required=(fmt == "kins"))
-        box_key = _first_key(entry, box_keys, where, required=False)
-        specs.append(_Spec(
-            image_id, ann_id, cat_label[cat_id], where, entry[amodal_key], amodal_key,
-            entry[visible_key] if visible_key else None, visible_key,
-            entry.get("invisible_mask") if fmt == "d2s_amodal" else None,
-            _check_bbox(entry[box_key], f"{where}: {box_key}") if box_key else None))
+        specs.append(_flat_spec(entry, ann_id, fmt, images, cat_label, src))
     return specs
+
+
+def _flat_spec(entry, ann_id, fmt, images, cat_label, src) -> _Spec:
+    amodal_keys, visible_keys, box_keys = _FLAT_KEYS[fmt]
+    name = f"annotation {ann_id}"
+    where = f"{src}: {name}"
+    image_id = require_int(entry, "image_id", where)
+    if image_id not in images:
+        raise InputError(f"{where}: image_id {image_id} is not in 'images'")
+    cat_id = require_int(entry, "category_id", where)
+    if cat_id not in cat_label:
+        raise InputError(f"{where}: category_id {cat_id} is not in 'categories'")
+    iscrowd = entry.get("iscrowd")
+    if iscrowd not in (None, 0, 1):
+        raise InputError(f"{where}: 'iscrowd' must be 0 or 1, got {short_repr(iscrowd)}")
+    rate = entry.get("occlude_rate")
+    if rate is not None and not (is_number(rate) and 0 <= rate <= 1):
+        raise InputError(f"{where}: 'occlude_rate' must be a number in [0, 1], got "
+                         f"{short_repr(rate)}")
+    amodal_key = _first_key(entry, amodal_keys, where, required=True)
+    visible_key = _first_key(entry, visible_keys, where, required=(fmt == "kins"))
+    box_key = _first_key(entry, box_keys, where, required=False)
+    return _Spec(
+        image_id, ann_id, cat_label[cat_id], name, where, entry[amodal_key], amodal_key,
+        entry[visible_key] if visible_key else None, visible_key,
+        entry.get("invisible_mask") if fmt == "d2s_amodal" else None,
+        check_bbox(entry[box_key], f"{where}: {box_key}") if box_key else None,
+        bool(iscrowd), None if rate is None else float(rate))
 
 
 def _first_key(entry, keys, where, required):
@@ -408,17 +512,6 @@ def _first_key(entry, keys, where, required):
     return ""
 
 
-def _check_bbox(bbox, where):
-    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-            or not all(is_number(v, 2 * MAX_CANVAS_SIDE) for v in bbox)
-            or bbox[2] < 0 or bbox[3] < 0):
-        raise InputError(f"{where}: a box must be [x, y, width, height] with width, "
-                         f"height >= 0 (each at most {2 * MAX_CANVAS_SIDE} in size), got "
-                         f"{short_repr(bbox)}")
-    x, y, w, h = (float(v) for v in bbox)
-    return [x, y, x + w, y + h]
-
-
 def _parse_relations(entries, src) -> list:
     """Raw occluder/occludee annotation id pairs, checked later against the annotations."""
     if not isinstance(entries, list):
@@ -426,9 +519,9 @@ def _parse_relations(entries, src) -> list:
     pairs = []
     for k, entry in enumerate(entries):
         where = f"{src}: occlusion_relations[{k}]"
-        pairs.append((_get_int(entry, "image_id", where),
-                      _get_int(entry, "occluder_id", where),
-                      _get_int(entry, "occludee_id", where), where))
+        pairs.append((require_int(entry, "image_id", where),
+                      require_int(entry, "occluder_id", where),
+                      require_int(entry, "occludee_id", where), where))
     return pairs
 
 
@@ -436,105 +529,115 @@ def _cocoa_specs(obj, images, src):
     """Specs and relations of the original COCOA file (class-agnostic: object / stuff)."""
     categories = [{"id": 1, "name": "object"}, {"id": 2, "name": "stuff"}]
     specs, relations = [], []
-    next_id = 1
     for k, entry in enumerate(obj["annotations"]):
-        where = f"{src}: annotations[{k}]"
-        image_id = _get_int(entry, "image_id", where)
+        name = f"annotations[{k}]"
+        image_id = require_int(entry, "image_id", f"{src}: {name}")
         if "id" in entry and _is_int(entry["id"]):
-            where = f"{src}: annotation {entry['id']}"
+            name = f"annotation {entry['id']}"
+        where = f"{src}: {name}"
         if image_id not in images:
             raise InputError(f"{where}: image_id {image_id} is not in 'images'")
-        regions = _get(entry, "regions", where)
-        if not isinstance(regions, list):
-            raise InputError(f"{where}: 'regions' must be a list")
+        regions = require_list(entry, "regions", where)
         order_id = {}
         for r, region in enumerate(regions):
-            rwhere = f"{where}: region {r}"
-            segm = _get(region, "segmentation", rwhere)
+            rname = f"{name}: region {r}"
+            segm = require(region, "segmentation", f"{src}: {rname}")
             if isinstance(segm, list) and segm and not isinstance(segm[0], list):
                 segm = [segm]  # COCOA stores one polygon as a flat list
             if "order" in region:
-                order = _get_int(region, "order", rwhere)
+                order = require_int(region, "order", f"{src}: {rname}")
                 if order in order_id:
-                    raise InputError(f"{rwhere}: duplicate 'order' {order}")
-                order_id[order] = next_id
-            specs.append(_Spec(image_id, next_id, 2 if region.get("isStuff") else 1, rwhere,
-                               segm, "segmentation", region.get("visible_mask"),
-                               "visible_mask", region.get("invisible_mask")))
-            next_id += 1
-        constraint = entry.get("depth_constraint", "") or ""
-        if not isinstance(constraint, str):
-            raise InputError(f"{where}: 'depth_constraint' must be a string like '1-2,1-3'")
-        for pair in filter(None, (p.strip() for p in constraint.split(","))):
-            parts = pair.split("-")
-            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-                raise InputError(f"{where}: depth_constraint {pair!r} is not 'front-back'")
-            front, back = (int(p) for p in parts)
-            for order in (front, back):
-                if order not in order_id:
-                    raise InputError(f"{where}: depth_constraint {pair!r} names order "
-                                     f"{order}, which no region has")
-            relations.append((image_id, order_id[front], order_id[back], where))
+                    raise InputError(f"{src}: {rname}: duplicate 'order' {order}")
+                order_id[order] = len(specs) + 1
+            specs.append(_Spec(image_id, len(specs) + 1, 2 if region.get("isStuff") else 1,
+                               rname, f"{src}: {rname}", segm, "segmentation",
+                               region.get("visible_mask"), "visible_mask",
+                               region.get("invisible_mask")))
+        relations += _depth_constraint(entry, order_id, image_id, where)
     return categories, specs, relations
 
 
-def _image_padding(image, specs, src) -> int:
-    """The image's mask padding: given, or read off the first RLE (D2S amodal style)."""
+def _depth_constraint(entry, order_id, image_id, where) -> list:
+    """Relations of a COCOA ``depth_constraint`` "1-2,1-3" (order 1 lies on 2 and 3)."""
+    constraint = entry.get("depth_constraint", "") or ""
+    if not isinstance(constraint, str):
+        raise InputError(f"{where}: 'depth_constraint' must be a string like '1-2,1-3'")
+    relations = []
+    for pair in filter(None, (p.strip() for p in constraint.split(","))):
+        parts = pair.split("-")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise InputError(f"{where}: depth_constraint {pair!r} is not 'front-back'")
+        front, back = (int(p) for p in parts)
+        for order in (front, back):
+            if order not in order_id:
+                raise InputError(f"{where}: depth_constraint {pair!r} names order "
+                                 f"{order}, which no region has")
+        relations.append((image_id, order_id[front], order_id[back], where))
+    return relations
+
+
+def _image_padding(image: _Image, specs) -> int:
+    """The image's mask padding: given, or read off its RLE sizes (D2S amodal's zero
+    padding), which must then all imply the same padding."""
     if image.padding is not None:
         return image.padding
+    padding = first = None
     for spec in specs:
-        for segm, key in ((spec.amodal, spec.amodal_key), (spec.visible, spec.visible_key),
-                          (spec.invisible, "invisible_mask")):
-            size = rle_size(segm, f"{spec.where}: {key}")
-            if size is None or size == (image.height, image.width):
+        for segm, key in spec.masks():
+            where = f"{spec.where}: {key}"
+            size = rle_size(segm, where)
+            if size is None:
                 continue
             dh, dw = size[0] - image.height, size[1] - image.width
             if dh != dw or dh < 0 or dh % 2:
                 raise InputError(
-                    f"{spec.where}: {key}: RLE size {list(size)} disagrees with image "
-                    f"{image.image_id} ({image.height} x {image.width}): not a zero padding "
-                    f"of the same whole number of pixels on every side")
-            return dh // 2
-    return 0
+                    f"{where}: RLE size {list(size)} disagrees with image {image.image_id} "
+                    f"({image.height} x {image.width}): not a zero padding of the same whole "
+                    f"number of pixels on every side")
+            if padding is None:
+                padding, first = dh // 2, f"the {key} of {spec.name}"
+            elif dh // 2 != padding:
+                raise InputError(
+                    f"{where}: RLE size {list(size)} disagrees with {first} in image "
+                    f"{image.image_id}: it implies mask padding {dh // 2}, that one {padding}")
+    return padding or 0
 
 
-def _build_records(images, specs, relations, src) -> list:
+def _image_record(image: _Image, specs) -> ImageRecord:
+    """The image's instances as canvas RLEs, every mask checked against the canvas."""
+    p = _image_padding(image, specs)
+    hc, wc = image.height + 2 * p, image.width + 2 * p
+    rec = ImageRecord(image.image_id, image.file_name, image.height, image.width, p)
+    for spec in specs:
+        rles = {key: to_rle(segm, hc, wc, f"{spec.where}: {key}", p)
+                for segm, key in spec.masks()}
+        amodal = rles[spec.amodal_key]
+        box = spec.bbox
+        if box is None:
+            x, y, w, h = mask_utils.toBbox(
+                {"size": amodal["size"], "counts": amodal["counts"].encode()}).tolist()
+            box = [x - p, y - p, x - p + w, y - p + h] if w else [0.0] * 4
+        rec.instances.append(InstanceRecord(
+            spec.ann_id, spec.label, box, amodal, rles.get(spec.visible_key),
+            rles.get("invisible_mask"), spec.iscrowd, spec.occlude_rate))
+    return rec
+
+
+def _build_records(images: dict, specs: list, relations: list) -> list:
     by_image = {image_id: [] for image_id in images}
     for spec in specs:
         by_image[spec.image_id].append(spec)
-    index_of = {}  # annotation id -> (image id, index in its image)
-    records = []
-    for image_id, image in images.items():
-        p = _image_padding(image, by_image[image_id], src)
-        hc, wc = image.height + 2 * p, image.width + 2 * p
-        rec = _Record(image_id, image.file_name, image.height, image.width, p,
-                      [], [], [], [], [], [])
-        for spec in by_image[image_id]:
-            amodal = to_rle(spec.amodal, hc, wc, f"{spec.where}: {spec.amodal_key}", p)
-            visible = amodal if spec.visible is None else to_rle(
-                spec.visible, hc, wc, f"{spec.where}: {spec.visible_key}", p)
-            if spec.invisible is not None:  # checked, then derived again on use
-                to_rle(spec.invisible, hc, wc, f"{spec.where}: invisible_mask", p)
-            box = spec.bbox
-            if box is None:
-                x, y, w, h = mask_utils.toBbox(
-                    {"size": amodal["size"], "counts": amodal["counts"].encode()}).tolist()
-                box = [x - p, y - p, x - p + w, y - p + h] if w else [0.0] * 4
-            index_of[spec.ann_id] = (image_id, len(rec.ann_ids))
-            rec.ann_ids.append(spec.ann_id)
-            rec.labels.append(spec.label)
-            rec.boxes.append(box)
-            rec.amodal.append(amodal)
-            rec.visible.append(visible)
-        records.append(rec)
+    records = [_image_record(image, by_image[image_id]) for image_id, image in images.items()]
     by_id = {r.image_id: r for r in records}
+    index_of = {inst.ann_id: (rec.image_id, i)  # annotation id -> (image id, index)
+                for rec in records for i, inst in enumerate(rec.instances)}
     for image_id, upper, lower, where in relations:
         if image_id not in by_id:
             raise InputError(f"{where}: image_id {image_id} is not in 'images'")
-        for ann_id in (upper, lower):
+        for ann_id, key in ((upper, "occluder_id"), (lower, "occludee_id")):
             if index_of.get(ann_id, (None,))[0] != image_id:
                 raise InputError(f"{where}: annotation {ann_id} is not an annotation of "
-                                 f"image {image_id}")
+                                 f"image {image_id} ({key})")
         if upper == lower:
             raise InputError(f"{where}: annotation {upper} cannot lie on itself")
         by_id[image_id].relations.append((index_of[upper][1], index_of[lower][1]))

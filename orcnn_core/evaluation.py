@@ -12,12 +12,13 @@ fractions in [0, 1], -1 where undefined (no ground truth).
 COCO matching (crowd regions, area ranges, 100 detections, 101-point interpolated
 precision) is pycocotools' own: :class:`_MatrixEval` feeds ``COCOeval`` precomputed IoU
 matrices, so ``AP_A``/``AP_V`` equal pycocotools' segm AP on the same masks.
+
+The ground truth is read by orcnn_core.data (any layout it reads, checked there); this
+module checks only the predictions.
 """
 
 import contextlib
 import io
-import json
-import numbers
 from collections import defaultdict
 
 import numpy as np
@@ -25,8 +26,21 @@ import pycocotools.mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from orcnn_core import masks
+from orcnn_core.data import (
+    AmodalDataset,
+    ImageRecord,
+    InstanceRecord,
+    check_bbox,
+    load_json,
+    parse_dataset,
+    require,
+    require_int,
+    require_list,
+)
 from orcnn_core.errors import InputError
 from orcnn_core.fileio import atomic_write_json
+from orcnn_core.order_metrics import (ImageOrder, OrderCounts, graph_order, image_counts,
+                                      match_by_amodal_iou, prediction_from_masks, summarize)
 
 #: Detections with amodal IoU >= this with an ignored ground truth are ignored (paper 3.3).
 IGNORE_IOU = 0.5
@@ -39,19 +53,18 @@ MASK_KINDS = ("AV", "A", "V")
 
 
 # ----------------------------------------------------------------------------------------
-# Reading and checking the inputs
+# The inputs: ground truth from orcnn_core.data's reader, predictions checked here
 
 
 class _Instance:
     """One ground truth or detection with its masks on the image's padded canvas."""
 
-    __slots__ = ("uid", "source", "image_id", "category_id", "score", "iscrowd", "amodal",
-                 "visible", "invisible", "has_visible", "area", "rate", "truncated")
+    __slots__ = ("uid", "image_id", "category_id", "score", "iscrowd", "amodal", "visible",
+                 "invisible", "has_visible", "area", "rate", "truncated", "order")
 
-    def __init__(self, uid, source, image_id, category_id, amodal, visible, invisible,
-                 score=1.0, iscrowd=0):
+    def __init__(self, uid, image_id, category_id, amodal, visible, invisible, score=1.0,
+                 iscrowd=0):
         self.uid = uid                  # 1.. (COCOeval reads id 0 as "unmatched")
-        self.source = source            # annotation id, or index in the results list
         self.image_id = image_id
         self.category_id = category_id
         self.score = score
@@ -63,179 +76,40 @@ class _Instance:
         self.area = float(mask_utils.area(amodal))
         self.rate = 0.0                 # occlusion rate (ground truth only)
         self.truncated = False          # amodal mask reaches the padding (ground truth only)
+        self.order = None               # the published order entry (detections only)
 
 
-def load_json(path, what: str):
-    """Parsed JSON of ``path``; a missing file or bad JSON raises :class:`InputError`."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read {what} file ({exc.strerror})") from None
-    try:
-        return json.loads(data)
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc.reason})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON (line {exc.lineno} col {exc.colno}: "
-                         f"{exc.msg})") from None
-    except RecursionError:
-        raise InputError(f"{path}: JSON nested too deeply to read") from None
+def _ground_truth(gt, name: str) -> AmodalDataset:
+    """The data set of ``gt``: a parsed annotation file in any layout orcnn_core.data reads
+    (images need no ``file_name``: none is read), or an :class:`AmodalDataset` as is."""
+    if isinstance(gt, AmodalDataset):
+        return gt
+    return parse_dataset(gt, name, need_file_names=False)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _need(obj: dict, key: str, where: str):
-    if key not in obj:
-        raise InputError(f"{where}: missing key '{key}'")
-    return obj[key]
-
-
-def _need_int(obj: dict, key: str, where: str, minimum=None) -> int:
-    value = _need(obj, key, where)
-    if not _is_int(value) or (minimum is not None and value < minimum):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise InputError(f"{where}: '{key}' must be an integer{bound}, got "
-                         f"{masks.short_repr(value)}")
-    return int(value)
-
-
-def _need_list(obj: dict, key: str, where: str) -> list:
-    value = _need(obj, key, where)
-    if not isinstance(value, list):
-        raise InputError(f"{where}: '{key}' must be a list")
-    return value
-
-
-def _check_bbox(obj: dict, where: str) -> None:
-    """``bbox`` is optional (segm evaluation does not use it) but must be sane when given."""
-    box = obj.get("bbox")
-    if box is None:
-        return
-    if (not isinstance(box, list) or len(box) != 4
-            or not all(masks.is_number(v, 2 * masks.MAX_CANVAS_SIDE) for v in box)
-            or box[2] < 0 or box[3] < 0):
-        raise InputError(f"{where}: 'bbox' must be [x, y, width, height] (each at most "
-                         f"{2 * masks.MAX_CANVAS_SIDE} in size), got {masks.short_repr(box)}")
-
-
-def _image_padding(image: dict, anns: list, name: str) -> int:
-    """Mask padding P of one image: its ``mask_padding``, else inferred from RLE sizes."""
-    if image["mask_padding"] is not None:
-        return image["mask_padding"]
-    height, width = image["height"], image["width"]
-    padding, first = None, None
-    for ann in anns:
-        for key in ("segmentation", "visible_mask", "invisible_mask"):
-            where = f"{name}: annotation {ann['id']}: {key}"
-            size = masks.rle_size(ann[key], where) if ann.get(key) is not None else None
-            if size is None:
-                continue
-            pad_h, pad_w = size[0] - height, size[1] - width
-            if pad_h != pad_w or pad_h < 0 or pad_h % 2:
-                raise InputError(
-                    f"{where}: RLE size {list(size)} disagrees with image {image['id']} "
-                    f"([{height}, {width}], or [H + 2P, W + 2P] for a padded canvas)")
-            if padding is None:
-                padding, first = pad_h // 2, ann["id"]
-            elif pad_h // 2 != padding:
-                raise InputError(
-                    f"{where}: RLE size {list(size)} implies mask padding {pad_h // 2}, "
-                    f"but annotation {first} of image {image['id']} implies {padding}")
-    return padding or 0
-
-
-def _read_images(gt: dict, name: str) -> dict:
-    images = {}
-    for index, image in enumerate(_need_list(gt, "images", name)):
-        where = f"{name}: images[{index}]"
-        if not isinstance(image, dict):
-            raise InputError(f"{where}: must be an object")
-        image_id = _need_int(image, "id", where)
-        where = f"{name}: image {image_id}"
-        if image_id in images:
-            raise InputError(f"{where}: duplicate image id")
-        padding = image.get("mask_padding")
-        if padding is not None and (not _is_int(padding) or padding < 0):
-            raise InputError(f"{where}: 'mask_padding' must be an integer >= 0")
-        height, width = _need_int(image, "height", where, 1), _need_int(image, "width", where, 1)
-        masks.check_canvas(height, width, padding or 0, where)
-        images[image_id] = {"id": image_id, "height": height, "width": width,
-                            "mask_padding": padding}
-    return images
-
-
-def _read_categories(gt: dict, name: str) -> set:
-    categories = set()
-    for index, category in enumerate(_need_list(gt, "categories", name)):
-        where = f"{name}: categories[{index}]"
-        if not isinstance(category, dict):
-            raise InputError(f"{where}: must be an object")
-        category_id = _need_int(category, "id", where)
-        if category_id in categories:
-            raise InputError(f"{where}: duplicate category id {category_id}")
-        categories.add(category_id)
-    return categories
-
-
-def _read_gt(gt, name: str):
-    """Images, categories, ground-truth instances and relations of a GT dict, all checked."""
-    if not isinstance(gt, dict):
-        raise InputError(f"{name}: ground truth must be a JSON object with 'images', "
-                         f"'annotations' and 'categories'")
-    images = _read_images(gt, name)
-    categories = _read_categories(gt, name)
-    anns_by_image = defaultdict(list)
-    seen = set()
-    for index, ann in enumerate(_need_list(gt, "annotations", name)):
-        if not isinstance(ann, dict):
-            raise InputError(f"{name}: annotations[{index}]: must be an object")
-        ann_id = _need_int(ann, "id", f"{name}: annotations[{index}]")
-        where = f"{name}: annotation {ann_id}"
-        if ann_id in seen:
-            raise InputError(f"{where}: duplicate annotation id")
-        seen.add(ann_id)
-        image_id = _need_int(ann, "image_id", where)
-        if image_id not in images:
-            raise InputError(f"{where}: image_id {image_id} is not in 'images'")
-        category_id = _need_int(ann, "category_id", where)
-        if category_id not in categories:
-            raise InputError(f"{where}: category_id {category_id} is not in 'categories'")
-        if ann.get("iscrowd", 0) not in (0, 1):
-            raise InputError(f"{where}: 'iscrowd' must be 0 or 1")
-        _need(ann, "segmentation", where)
-        _check_bbox(ann, where)
-        rate = ann.get("occlude_rate")
-        if rate is not None and (not isinstance(rate, numbers.Real) or isinstance(rate, bool)
-                                 or not 0 <= rate <= 1):
-            raise InputError(f"{where}: 'occlude_rate' must be a number in [0, 1]")
-        anns_by_image[image_id].append(ann)
-
-    instances = []
-    for image_id, anns in anns_by_image.items():
-        image = images[image_id]
-        image["mask_padding"] = _image_padding(image, anns, name)
+def _gt_instances(dataset: AmodalDataset):
+    """Ground-truth instances (uids 1.., crowd regions included) and relations (set of
+    (occluder uid, occludee uid), or None when the file states none)."""
+    category_ids = [c["id"] for c in dataset.categories]
+    instances, relations = [], set()
+    for image in dataset.records:
         inside = _image_area(image)
-        for ann in anns:
-            instances.append(_gt_instance(ann, image, len(instances) + 1, name, inside))
-    for image in images.values():
-        if image["mask_padding"] is None:
-            image["mask_padding"] = 0
-    by_source = {inst.source: inst for inst in instances}
-    relations = _read_relations(gt, by_source, name)
-    return images, sorted(categories), instances, relations
+        first = len(instances) + 1
+        for k, record in enumerate(image.instances):
+            instances.append(_gt_instance(record, image, first + k,
+                                          category_ids[record.label - 1], inside))
+        relations.update((first + upper, first + lower) for upper, lower in image.relations)
+    return instances, (relations if dataset.relations_given else None)
 
 
-def _canvas(image: dict):
-    pad = image["mask_padding"]
-    return image["height"] + 2 * pad, image["width"] + 2 * pad
+def _canvas(image: ImageRecord):
+    pad = image.padding
+    return image.height + 2 * pad, image.width + 2 * pad
 
 
-def _image_area(image: dict):
+def _image_area(image: ImageRecord):
     """RLE of the image inside its padded canvas (None without padding)."""
-    pad = image["mask_padding"]
+    pad = image.padding
     if pad == 0:
         return None
     height, width = _canvas(image)
@@ -244,23 +118,14 @@ def _image_area(image: dict):
     return masks.encode(inside)
 
 
-def _gt_instance(ann: dict, image: dict, uid: int, name: str, inside) -> _Instance:
-    """Checked masks, occlusion rate and truncation of one GT annotation (``inside``: the
-    image area on the canvas, see :func:`_image_area`)."""
-    height, width = _canvas(image)
-    pad = image["mask_padding"]
-    where = f"{name}: annotation {ann['id']}"
-
-    def rle(key, optional=True):
-        if optional and ann.get(key) is None:
-            return None
-        return masks.to_rle(ann[key], height, width, f"{where}: {key}", polygon_offset=pad)
-
-    inst = _Instance(uid, ann["id"], image["id"], ann["category_id"], rle("segmentation", False),
-                     rle("visible_mask"), rle("invisible_mask"),
-                     iscrowd=int(ann.get("iscrowd", 0)))
-    if ann.get("occlude_rate") is not None:
-        inst.rate = float(ann["occlude_rate"])
+def _gt_instance(record: InstanceRecord, image: ImageRecord, uid: int, category_id: int,
+                 inside) -> _Instance:
+    """Occlusion rate and truncation of one ground truth (``inside``: the image area on the
+    canvas, see :func:`_image_area`)."""
+    inst = _Instance(uid, image.image_id, category_id, record.amodal, record.visible,
+                     record.invisible, iscrowd=int(record.iscrowd))
+    if record.occlude_rate is not None:
+        inst.rate = record.occlude_rate
     elif inst.area > 0:
         both = mask_utils.merge([inst.amodal, inst.visible], intersect=True)
         inst.rate = (inst.area - float(mask_utils.area(both))) / inst.area
@@ -270,69 +135,45 @@ def _gt_instance(ann: dict, image: dict, uid: int, name: str, inside) -> _Instan
     return inst
 
 
-def _read_relations(gt: dict, by_source: dict, name: str):
-    """Set of (occluder uid, occludee uid), or None when the file has no relations."""
-    if "occlusion_relations" not in gt:
-        return None
-    relations = set()
-    for index, rel in enumerate(_need_list(gt, "occlusion_relations", name)):
-        where = f"{name}: occlusion_relations[{index}]"
-        if not isinstance(rel, dict):
-            raise InputError(f"{where}: must be an object")
-        image_id = _need_int(rel, "image_id", where)
-        pair = []
-        for key in ("occluder_id", "occludee_id"):
-            ann_id = _need_int(rel, key, where)
-            inst = by_source.get(ann_id)
-            if inst is None or inst.image_id != image_id:
-                raise InputError(f"{where}: {key} {ann_id} is not an annotation of image "
-                                 f"{image_id}")
-            pair.append(inst.uid)
-        if pair[0] == pair[1]:
-            raise InputError(f"{where}: an annotation cannot occlude itself")
-        relations.add(tuple(pair))
-    return relations
-
-
-def _prediction_rle(segm, image: dict, where: str) -> dict:
+def _prediction_rle(segm, image: ImageRecord, where: str) -> dict:
     """Canvas RLE of a predicted mask that is image-sized or canvas-sized."""
     height, width = _canvas(image)
-    pad = image["mask_padding"]
+    pad = image.padding
     size = masks.rle_size(segm, where)
-    if size is not None and pad > 0 and size == (image["height"], image["width"]):
+    if size is not None and pad > 0 and size == (image.height, image.width):
         rle = masks.to_rle(segm, size[0], size[1], where)
         return masks.encode(masks.pad_mask(masks.decode(rle), pad))
     if size is not None and size != (height, width):
-        raise InputError(f"{where}: RLE size {list(size)} disagrees with image {image['id']} "
-                         f"([{image['height']}, {image['width']}] or its padded canvas "
-                         f"[{height}, {width}])")
+        raise InputError(f"{where}: RLE size {list(size)} disagrees with image "
+                         f"{image.image_id} ([{image.height}, {image.width}] or its padded "
+                         f"canvas [{height}, {width}])")
     return masks.to_rle(segm, height, width, where, polygon_offset=pad)
 
 
 def _read_predictions(predictions, images: dict, categories, name: str):
-    """Detection instances of a COCO results list, checked against the ground truth."""
+    """Detection instances of a COCO results list, checked against the ground truth
+    (``images``: image id -> :class:`ImageRecord`)."""
     if not isinstance(predictions, list):
         raise InputError(f"{name}: predictions must be a JSON list of results")
     categories = set(categories)
     detections = []
     for index, pred in enumerate(predictions):
         where = f"{name}: prediction #{index}"
-        if not isinstance(pred, dict):
-            raise InputError(f"{where}: must be an object")
-        image_id = _need_int(pred, "image_id", where)
+        image_id = require_int(pred, "image_id", where)
         where = f"{name}: prediction #{index} (image_id {image_id})"
         if image_id not in images:
             raise InputError(f"{where}: image_id {image_id} is not in the ground truth")
-        category_id = _need_int(pred, "category_id", where)
+        category_id = require_int(pred, "category_id", where)
         if category_id not in categories:
             raise InputError(f"{where}: category_id {category_id} is not in the ground truth")
-        score = _need(pred, "score", where)
+        score = require(pred, "score", where)
         if not masks.is_number(score):
             raise InputError(f"{where}: 'score' must be a finite number, got "
                              f"{masks.short_repr(score)}")
-        _check_bbox(pred, where)
+        if pred.get("bbox") is not None:  # segm evaluation does not use it: only checked
+            check_bbox(pred["bbox"], f"{where}: bbox")
         image = images[image_id]
-        amodal = _prediction_rle(_need(pred, "segmentation", where), image,
+        amodal = _prediction_rle(require(pred, "segmentation", where), image,
                                  f"{where}: segmentation")
         visible = invisible = None
         if pred.get("visible_mask") is not None:
@@ -340,9 +181,28 @@ def _read_predictions(predictions, images: dict, categories, name: str):
         if pred.get("invisible_mask") is not None:
             invisible = _prediction_rle(pred["invisible_mask"], image,
                                         f"{where}: invisible_mask")
-        detections.append(_Instance(len(detections) + 1, index, image_id, category_id, amodal,
-                                    visible, invisible, score=float(score)))
+        detection = _Instance(len(detections) + 1, image_id, category_id, amodal, visible,
+                              invisible, score=float(score))
+        if pred.get("order") is not None:
+            detection.order = _read_order(pred["order"], f"{where}: order")
+        detections.append(detection)
     return detections
+
+
+def _read_order(order, where: str) -> tuple:
+    """(index, pick rank, [occludee index, ...]) of a result's ``order`` entry."""
+    if not isinstance(order, dict):
+        raise InputError(f"{where}: must be an object with index, pick_rank and lies_on")
+    index = require_int(order, "index", where)
+    rank = require_int(order, "pick_rank", where)
+    lies_on = require_list(order, "lies_on", where)
+    below = []
+    for k, item in enumerate(lies_on):
+        if not isinstance(item, list) or not item or isinstance(item[0], bool) \
+                or not isinstance(item[0], int):
+            raise InputError(f"{where}: lies_on[{k}] must be [instance index, confidence]")
+        below.append(item[0])
+    return index, rank, below
 
 
 # ----------------------------------------------------------------------------------------
@@ -584,15 +444,63 @@ def _order_accuracy(run_a: _MatrixEval, gts: list, dets: list, relations) -> dic
             "pairs": pairs, "undecided": undecided, "skipped": skipped, "relations": source}
 
 
+def _published_order(gts: list, dets: list, relations: set) -> dict:
+    """The published graph and pick order scored (:mod:`orcnn_core.order_metrics`): of the
+    detections (their ``order`` entries, else the node's rule on their masks) and of the
+    ground-truth masks fed through the same rule."""
+    gts_by_image, dets_by_image = defaultdict(list), defaultdict(list)
+    for g in gts:
+        if not g.iscrowd:
+            gts_by_image[g.image_id].append(g)
+    for d in dets:
+        dets_by_image[d.image_id].append(d)
+    model, gt_masks = OrderCounts(), OrderCounts()
+    for image_id, group in gts_by_image.items():
+        index = {g.uid: k for k, g in enumerate(group)}
+        related = [(index[a], index[b]) for a, b in relations if a in index and b in index]
+        amodal = np.stack([masks.decode(g.amodal) for g in group]).astype(bool)
+        visible = np.stack([masks.decode(g.visible) for g in group]).astype(bool)
+        shown = [(a, b) for a, b in related if np.any(visible[a] & amodal[b] & ~visible[b])]
+        truth = prediction_from_masks(amodal, visible)
+        gt_masks.add(image_counts(graph_order(truth), np.arange(len(group)), related, shown))
+        found = dets_by_image.get(image_id, [])
+        match = match_by_amodal_iou([g.amodal for g in group], [d.amodal for d in found],
+                                    [d.score for d in found])
+        model.add(image_counts(_detections_order(found), match, related, shown))
+    return {"model": summarize(model), "gt_masks": summarize(gt_masks)}
+
+
+def _detections_order(found: list) -> ImageOrder:
+    """The published order of one image's detections: from their ``order`` entries when
+    every detection has one, else by the node's rule on their (hard) masks."""
+    if found and all(d.order is not None for d in found):
+        position = {d.order[0]: k for k, d in enumerate(found)}
+        edges = [(k, position[j]) for k, d in enumerate(found) for j in d.order[2]
+                 if j in position]
+        ranks = [d.order[1] for d in found]
+        return ImageOrder(np.asarray(edges, np.int64).reshape(-1, 2),
+                          np.argsort(ranks, kind="stable"))
+    if not found:
+        return ImageOrder(np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
+    amodal = np.stack([masks.decode(d.amodal) for d in found]).astype(bool)
+    visible = np.stack([masks.decode(d.visible) for d in found]).astype(bool)
+    return graph_order(prediction_from_masks(amodal, visible, [d.score for d in found]))
+
+
 # ----------------------------------------------------------------------------------------
 # Public API
 
 
-def evaluate_loaded(gt: dict, predictions: list, gt_name: str = "ground truth",
+def evaluate_loaded(gt, predictions: list, gt_name: str = "ground truth",
                     predictions_name: str = "predictions") -> dict:
-    """Amodal metrics of ``predictions`` (a COCO results list) against ``gt`` (a parsed
-    D2S-amodal-style COCO dict). The names appear in :class:`InputError` messages."""
-    images, categories, gts, relations = _read_gt(gt, gt_name)
+    """Amodal metrics of ``predictions`` (a COCO results list) against ``gt``: a parsed
+    annotation file (a dict in any layout :func:`orcnn_core.data.parse_dataset` reads) or an
+    already read :class:`orcnn_core.data.AmodalDataset`. The names appear in
+    :class:`InputError` messages."""
+    dataset = _ground_truth(gt, gt_name)
+    images = {image.image_id: image for image in dataset.records}
+    categories = [c["id"] for c in dataset.categories]
+    gts, relations = _gt_instances(dataset)
     dets = _read_predictions(predictions, images, categories, predictions_name)
     ev = _Evaluator(images, categories, gts, dets)
 
@@ -608,6 +516,8 @@ def evaluate_loaded(gt: dict, predictions: list, gt_name: str = "ground truth",
     iv = ev.run(ev.invisible_ious(occluded), occluded, iou_thresholds=[0.5])
     metrics["occluded"]["AP_IV50"] = _ap(iv)
     metrics["order"] = _order_accuracy(runs["A"], gts, dets, relations)
+    metrics["published_order"] = _published_order(
+        gts, dets, relations if relations is not None else _relations_from_masks(gts))
 
     levels = {"none": lambda g: g.rate == 0,
               "partial": lambda g: 0 < g.rate < HEAVY_OCCLUSION,
@@ -667,6 +577,13 @@ def format_table(metrics: dict) -> str:
                  f"({order['correct']} of {order['pairs']} matched pairs, "
                  f"{order['undecided']} undecided, {order['skipped']} not shown by the GT "
                  f"masks; relations from {order['relations']})")
+    for source, label in (("model", "published order"), ("gt_masks", "  with GT masks")):
+        o = metrics["published_order"][source]
+        lines.append(f"{label}: pair accuracy {_cell(o['pair_accuracy'])} ({o['pairs']} "
+                     f"pairs), edge precision {_cell(o['edge_precision'])}, recall "
+                     f"{_cell(o['edge_recall'])}, first pick free "
+                     f"{_cell(o['first_pick_free'])} of {o['images']} images, first three "
+                     f"picks free {_cell(o['first3_free'])}")
     lines.append(f"{metrics['num_images']} images, {metrics['num_gt']} ground truths, "
                  f"{metrics['num_predictions']} predictions "
                  f"({metrics['num_predictions_without_visible']} without visible mask: "

@@ -69,71 +69,111 @@ def paste_objects(target: AmodalSample, sources: Sequence[ModalObject],
     """
     if not sources or max_objects < 1:
         return target
-    p, h, w = target.mask_padding, target.height, target.width
-    hc, wc = h + 2 * p, w + 2 * p
-    image = target.load_image().copy()
-    amodal = list(target.amodal_masks)
-    visible = [m.copy() for m in target.visible_masks]
-    labels = target.labels.tolist()
-    boxes = [b for b in target.boxes]
-    next_id = int(target.annotation_ids.max(initial=0)) + 1
-    ann_ids = target.annotation_ids.tolist()
-    relations = [tuple(r) for r in target.occlusion_relations.tolist()]
-    touched = set()
-
+    layers = _Layers.of(target)
     count = int(rng.integers(min(min_objects, max_objects), max_objects + 1))
     for _ in range(count):
-        src = sources[int(rng.integers(len(sources)))]
-        mask, crop = src.mask, src.image
-        if flip and rng.random() < 0.5:
-            mask, crop = mask[:, ::-1], crop[:, ::-1]
+        placement = _random_placement(sources, rng, flip, target)
+        if placement is not None:
+            layers.paste(*placement)
+    return layers.to_sample(target, layers.visible_enough(min_visible_fraction,
+                                                          min_visible_pixels))
+
+
+def _random_placement(sources: Sequence[ModalObject], rng: np.random.Generator, flip: bool,
+                      target: AmodalSample):
+    """(object, mask, crop, x, y): a random source, flipped at random when ``flip``, with
+    the top-left corner (x, y) in image pixels; None when it is larger than the canvas."""
+    p, h, w = target.mask_padding, target.height, target.width
+    src = sources[int(rng.integers(len(sources)))]
+    mask, crop = src.mask, src.image
+    if flip and rng.random() < 0.5:
+        mask, crop = mask[:, ::-1], crop[:, ::-1]
+    oh, ow = mask.shape
+    if oh > h + 2 * p or ow > w + 2 * p:
+        return None
+    # Centre inside the image, mask on the canvas. (Both ranges are non-empty since the
+    # crop fits the canvas.)
+    x = int(rng.integers(max(-p, -(ow // 2)), min(w + p - ow, w - ow // 2) + 1))
+    y = int(rng.integers(max(-p, -(oh // 2)), min(h + p - oh, h - oh // 2) + 1))
+    return src, mask, crop, x, y
+
+
+class _Layers:
+    """A sample's image and objects while objects are pasted on it, later ones on top."""
+
+    def __init__(self, image, amodal, visible, labels, boxes, annotation_ids, next_id,
+                 relations, padding, height, width):
+        self.image, self.amodal, self.visible = image, amodal, visible
+        self.labels, self.boxes, self.annotation_ids = labels, boxes, annotation_ids
+        self.relations = relations  # (upper, lower) index pairs
+        self.padding, self.height, self.width = padding, height, width
+        self.next_id = next_id  # annotation id of the next pasted object
+        self.touched = set()  # objects whose visible mask a paste may have reduced
+
+    @classmethod
+    def of(cls, target: AmodalSample) -> "_Layers":
+        return cls(image=target.load_image().copy(), amodal=list(target.amodal_masks),
+                   visible=[m.copy() for m in target.visible_masks],
+                   labels=target.labels.tolist(), boxes=[b for b in target.boxes],
+                   annotation_ids=target.annotation_ids.tolist(),
+                   next_id=int(target.annotation_ids.max(initial=0)) + 1,
+                   relations=[tuple(r) for r in target.occlusion_relations.tolist()],
+                   padding=target.mask_padding, height=target.height, width=target.width)
+
+    def paste(self, src: ModalObject, mask: np.ndarray, crop: np.ndarray, x: int,
+              y: int) -> None:
+        """Paint ``crop`` where ``mask`` is set with its top-left corner at (x, y) and add
+        the object on top of all others."""
+        p, h, w = self.padding, self.height, self.width
         oh, ow = mask.shape
-        if oh > hc or ow > wc:
-            continue
-        # Top-left corner in image pixels: centre inside the image, mask on the canvas.
-        # (Both ranges are non-empty since the crop fits the canvas.)
-        x = int(rng.integers(max(-p, -(ow // 2)), min(w + p - ow, w - ow // 2) + 1))
-        y = int(rng.integers(max(-p, -(oh // 2)), min(h + p - oh, h - oh // 2) + 1))
-        full = np.zeros((hc, wc), np.uint8)
+        full = np.zeros((h + 2 * p, w + 2 * p), np.uint8)
         full[y + p:y + p + oh, x + p:x + p + ow] = mask
         # Paint the part inside the image.
         ix0, iy0, ix1, iy1 = max(x, 0), max(y, 0), min(x + ow, w), min(y + oh, h)
         if ix1 > ix0 and iy1 > iy0:
             sub = mask[iy0 - y:iy1 - y, ix0 - x:ix1 - x].astype(bool)
-            image[iy0:iy1, ix0:ix1][sub] = crop[iy0 - y:iy1 - y, ix0 - x:ix1 - x][sub]
-        for i in range(len(amodal)):
-            if (amodal[i] & full).any():
-                relations.append((len(amodal), i))
-            covered = visible[i] & full
-            if covered.any():
-                visible[i] &= 1 - full
-                touched.add(i)
-        vis = full.copy()
-        vis[:p] = 0
-        vis[p + h:] = 0
-        vis[:, :p] = 0
-        vis[:, p + w:] = 0
-        touched.add(len(amodal))
-        amodal.append(full)
-        visible.append(vis)
-        labels.append(int(src.label))
-        boxes.append(mask_boxes(full[None], p)[0])
-        ann_ids.append(next_id)
-        next_id += 1
+            self.image[iy0:iy1, ix0:ix1][sub] = crop[iy0 - y:iy1 - y, ix0 - x:ix1 - x][sub]
+        new = len(self.amodal)
+        for i in range(new):
+            if (self.amodal[i] & full).any():
+                self.relations.append((new, i))
+            if (self.visible[i] & full).any():
+                self.visible[i] &= 1 - full
+                self.touched.add(i)
+        visible = full.copy()
+        visible[:p] = 0
+        visible[p + h:] = 0
+        visible[:, :p] = 0
+        visible[:, p + w:] = 0
+        self.touched.add(new)
+        self.amodal.append(full)
+        self.visible.append(visible)
+        self.labels.append(int(src.label))
+        self.boxes.append(mask_boxes(full[None], p)[0])
+        self.annotation_ids.append(self.next_id)
+        self.next_id += 1
 
-    keep = [i for i in range(len(amodal))
-            if i not in touched or int(visible[i].sum()) >= max(
-                min_visible_pixels, min_visible_fraction * int(amodal[i].sum()), 1)]
-    new_index = {old: new for new, old in enumerate(keep)}
-    relations = [(new_index[a], new_index[b]) for a, b in relations
-                 if a in new_index and b in new_index]
-    empty = np.zeros((0, hc, wc), np.uint8)
-    return AmodalSample(
-        image=image, boxes=np.array([boxes[i] for i in keep], np.float32).reshape(-1, 4),
-        labels=np.array([labels[i] for i in keep], np.int64),
-        amodal_masks=np.stack([amodal[i] for i in keep]) if keep else empty,
-        visible_masks=np.stack([visible[i] for i in keep]) if keep else empty,
-        mask_padding=p, occlusion_relations=np.array(relations, np.int64).reshape(-1, 2),
-        image_id=target.image_id, file_name=target.file_name,
-        annotation_ids=np.array([ann_ids[i] for i in keep], np.int64),
-        image_path=target.image_path, modal_only=target.modal_only)
+    def visible_enough(self, min_fraction: float, min_pixels: int) -> list:
+        """Indices of the objects to keep: untouched ones, and touched ones with enough of
+        their amodal area still visible."""
+        return [i for i in range(len(self.amodal))
+                if i not in self.touched or int(self.visible[i].sum()) >= max(
+                    min_pixels, min_fraction * int(self.amodal[i].sum()), 1)]
+
+    def to_sample(self, target: AmodalSample, keep: list) -> AmodalSample:
+        """The sample of objects ``keep``, with the relations among them."""
+        p = self.padding
+        new_index = {old: new for new, old in enumerate(keep)}
+        relations = [(new_index[a], new_index[b]) for a, b in self.relations
+                     if a in new_index and b in new_index]
+        empty = np.zeros((0, self.height + 2 * p, self.width + 2 * p), np.uint8)
+        return AmodalSample(
+            image=self.image,
+            boxes=np.array([self.boxes[i] for i in keep], np.float32).reshape(-1, 4),
+            labels=np.array([self.labels[i] for i in keep], np.int64),
+            amodal_masks=np.stack([self.amodal[i] for i in keep]) if keep else empty,
+            visible_masks=np.stack([self.visible[i] for i in keep]) if keep else empty,
+            mask_padding=p, occlusion_relations=np.array(relations, np.int64).reshape(-1, 2),
+            image_id=target.image_id, file_name=target.file_name,
+            annotation_ids=np.array([self.annotation_ids[i] for i in keep], np.int64),
+            image_path=target.image_path, modal_only=target.modal_only)

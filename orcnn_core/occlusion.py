@@ -1,32 +1,40 @@
-"""Occlusion graph and pick order from a :class:`~orcnn_core.predictor.Prediction`.
+"""Occlusion graph, pick order and the confidence of both, from a :class:`Prediction`.
 
-Pure numpy, no ROS: the perception node, ``orcnn-core predict`` and offline tools share it.
+Pure numpy, no ROS: the perception node, ``orcnn-core predict`` / ``evaluate`` and offline
+tools share :func:`occlusion_graph`, so the evaluator scores exactly what the node publishes.
 
-Edges. Instance A lies on instance B (edge ``A -> B``) when the part of B that is amodal but
-hidden (label 2 in B's crop) and the visible part of A (label 1 in A's crop) share at least
-``min_overlap_pixels`` pixels and at least ``min_overlap_ratio`` of B's amodal area. Only
-pairs whose integer amodal boxes intersect are compared, on the intersection window of the
-two crops, so nothing is pasted into full-frame masks. Visible pixels lie inside the image
-by construction, so hidden parts outside the image (truncation) never make an edge.
+Evidence. Instance A lies on instance B when A's visible part covers B's hidden part (amodal
+but not visible). The evidence e(A, B) is the sum over the pixels both rois share of
+visible_A * hidden_B: with label crops the overlap pixel count, with the Predictor's mask
+probabilities (``prediction.probs``) p_visible(A) * p_amodal(B) * (1 - p_visible(B)), which
+keeps the evidence of pairs whose thresholded masks do not quite meet. Only pairs whose
+integer amodal boxes intersect are compared, on the intersection window of the two crops,
+so nothing is pasted into full-frame masks. Visible pixels lie inside the image, so hidden
+parts outside the image (truncation) never make an edge.
 
-Cycles. A model can predict A on B and B on A (two hidden regions under two visible ones),
-or longer loops. While the graph has a cycle, the weakest edge that lies on a cycle (the
-fewest overlap pixels; ties: smaller overlap ratio, then lower occluder index, then lower
-occludee index) is dropped; it goes to ``dropped_edges`` and ``has_cycle`` is set. Edges
-that lie on no cycle are never dropped.
+Confidence. P(A lies on B) = e(A, B) / (e(A, B) + e(B, A) + PRIOR_PIXELS)
+(:func:`edge_confidence`). An edge A -> B is kept when e(A, B) >= ``min_overlap_pixels``,
+e(A, B) / amodal area of B >= ``min_overlap_ratio`` and its confidence >=
+``min_confidence``. The defaults were tuned on held-out synthetic scenes of a validation
+seed (docs/evaluation.md). ``free_probability[i]`` = product over all j of
+(1 - P(j lies on i)): the probability that nothing lies on instance i.
+
+Cycles. A model can predict A on B and B on A, or longer loops. While the graph has a
+cycle, the weakest edge that lies on a cycle (lowest confidence; ties: less evidence, then
+lower occluder index, then lower occludee index) is dropped; it goes to ``dropped_edges``
+and ``has_cycle`` is set. Edges that lie on no cycle are never dropped.
 
 Layers. On the remaining (acyclic) graph, ``layers[i]`` is 0 when nothing lies on instance
 ``i``, else one more than the largest layer of the instances on it: the length of the
 longest chain of objects stacked above it.
 
-Pick order. Instances sorted by ``(layer ascending, score descending, occlusion ratio
-ascending, index ascending)``. Every edge goes from a lower to a higher layer, so this is a
-topological order (Kahn's algorithm taken level by level): removing objects in this order
-never removes an object while something still lies on it. All instances with nothing on
-top come first, the most confident and least occluded of them first; the first entry is the
-best object to pick now.
+Pick order. A topological order of the kept edges that takes, among the instances with
+nothing left on them, the most likely free first (ties: higher score, then lower index):
+the first entry is the object most likely to be pickable now, and removing objects in this
+order never removes one while the graph says that something still lies on it.
 """
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -34,9 +42,18 @@ import numpy as np
 
 from orcnn_core.errors import InputError
 
-__all__ = ["OcclusionGraph", "occlusion_graph", "pair_overlaps"]
+from orcnn_core.prediction import HIDDEN, VISIBLE
 
-VISIBLE, HIDDEN = 1, 2
+__all__ = ["OcclusionGraph", "occlusion_graph", "pair_evidence", "pair_overlaps",
+           "edge_confidence", "MIN_OVERLAP_PIXELS", "MIN_OVERLAP_RATIO", "MIN_CONFIDENCE",
+           "PRIOR_PIXELS"]
+
+#: Default edge thresholds and confidence prior (see the module doc; tuned on a validation
+#: seed of synthetic scenes with the bundled model, docs/evaluation.md).
+MIN_OVERLAP_PIXELS = 1.0
+MIN_OVERLAP_RATIO = 0.0
+MIN_CONFIDENCE = 0.5
+PRIOR_PIXELS = 2.0
 
 
 @dataclass
@@ -44,26 +61,26 @@ class OcclusionGraph:
     """"Lies on" relations between the N instances of one prediction (see module doc).
 
     ``edges`` int64 [E, 2] (occluder, occludee) instance indices, kept edges only, sorted;
-    ``overlap_pixels`` int64 [E]; ``overlap_ratio`` float32 [E] = overlap pixels / occludee
-    amodal area; ``layers`` int64 [N]; ``pick_order`` int64 [N], a permutation of 0..N-1,
-    first = best to pick now; ``has_cycle``: edges were dropped to break cycles;
+    ``overlap_pixels`` int64 [E], the evidence rounded (the overlap pixel count for labels);
+    ``overlap_ratio`` float32 [E] = evidence / occludee amodal area; ``confidence``
+    float32 [E] = P(occluder lies on occludee); ``layers`` int64 [N]; ``free_probability``
+    float32 [N] = P(nothing lies on the instance); ``pick_order`` int64 [N], a permutation
+    of 0..N-1, first = best to pick now; ``has_cycle``: edges were dropped to break cycles;
     ``dropped_edges`` int64 [D, 2], in the order they were dropped.
     """
 
     edges: np.ndarray
     overlap_pixels: np.ndarray
     overlap_ratio: np.ndarray
+    confidence: np.ndarray
     layers: np.ndarray
+    free_probability: np.ndarray
     pick_order: np.ndarray
     has_cycle: bool
     dropped_edges: np.ndarray
 
     def __len__(self) -> int:
         return int(self.layers.shape[0])
-
-    def occluders_of(self, index: int) -> np.ndarray:
-        """Indices of the instances that lie on instance ``index`` (kept edges)."""
-        return self.edges[self.edges[:, 1] == index, 0]
 
 
 #: Intersection windows up to this many pixels are compared together, by gathering their
@@ -75,34 +92,92 @@ LOOP_PIXELS = 1500
 BATCH_PIXELS = 1 << 20
 
 
-def pair_overlaps(rois: np.ndarray, crops: list):
-    """Overlap of each instance's visible part with every other instance's hidden part.
+def _planes(crops: list, probs=None) -> tuple:
+    """Per instance, flat float32 evidence planes over its roi: (visible, hidden).
 
-    ``rois`` int [N, 4] ``(x, y, width, height)``; ``crops`` N arrays [height, width] with
-    1 visible, 2 hidden (other values count as background). Returns
-    ``(pairs int64 [P, 2], pixels int64 [P])`` for the ordered pairs ``(a, b)``, ``a != b``,
-    whose rois intersect and where a's visible pixels cover some of b's hidden pixels
-    (``pixels > 0``): for the intersecting pairs ``a < b`` in row-major order, ``(a, b)``
-    then ``(b, a)``. Raises :class:`InputError` when a crop's shape is not its roi's.
+    From label crops: 1 where the label is visible (resp. hidden), else 0. From probability
+    crops (uint8 [2, h, w], amodal and visible, 255 = 1): p_visible and
+    p_amodal * (1 - p_visible).
+    """
+    if probs is None:
+        visible = [(np.asarray(c) == VISIBLE).astype(np.float32).reshape(-1) for c in crops]
+        hidden = [(np.asarray(c) == HIDDEN).astype(np.float32).reshape(-1) for c in crops]
+        return visible, hidden
+    visible, hidden = [], []
+    for p in probs:
+        p = np.asarray(p, np.float32).reshape(2, -1) * np.float32(1 / 255)
+        visible.append(p[1])
+        hidden.append(p[0] * (1 - p[1]))
+    return visible, hidden
+
+
+def _check_crops(rois: np.ndarray, crops: list, probs) -> None:
+    n = rois.shape[0]
+    if len(crops) != n:
+        raise InputError(f"crops: {len(crops)} crops for {n} rois")
+    shapes = [np.shape(c) for c in crops]
+    expected = list(zip(rois[:, 3].tolist(), rois[:, 2].tolist()))
+    if shapes != expected:
+        i = next(i for i, s in enumerate(shapes) if s != expected[i])
+        raise InputError(f"crops[{i}]: shape {shapes[i]} is not the roi's height x width "
+                         f"{expected[i][0]} x {expected[i][1]}")
+    if probs is not None:
+        if len(probs) != n:
+            raise InputError(f"probs: {len(probs)} probability crops for {n} rois")
+        bad = [i for i, p in enumerate(probs) if np.shape(p) != (2,) + expected[i]]
+        if bad:
+            raise InputError(f"probs[{bad[0]}]: shape {np.shape(probs[bad[0]])} is not 2 x "
+                             f"the roi's height x width {expected[bad[0]]}")
+
+
+def pair_evidence(rois: np.ndarray, crops: list, probs=None):
+    """Evidence that each instance lies on each other one: how much of b's hidden part a's
+    visible part covers.
+
+    ``rois`` int [N, 4] ``(x, y, width, height)``; ``crops`` N label arrays [height, width]
+    (1 visible, 2 hidden, other values background); ``probs`` optional N uint8 arrays
+    [2, height, width] of amodal and visible probabilities (255 = 1). Returns
+    ``(pairs int64 [P, 2], evidence float64 [P])`` for the ordered pairs ``(a, b)``,
+    ``a != b``, whose rois intersect and whose evidence is positive: for the intersecting
+    pairs ``a < b`` in row-major order, ``(a, b)`` then ``(b, a)``. Evidence is the sum over
+    the shared pixels of visible_a * hidden_b (:func:`_planes`): the overlap pixel count for
+    labels, the expected overlap under the probabilities for ``probs``. Raises
+    :class:`InputError` when a crop's shape is not its roi's.
 
     Small intersection windows are compared together (numpy gathers over their pixels,
     :data:`BATCH_PIXELS` at a time), windows above :data:`LOOP_PIXELS` one by one.
     """
     rois = np.asarray(rois, np.int64).reshape(-1, 4)
-    n = rois.shape[0]
-    if len(crops) != n:
-        raise InputError(f"crops: {len(crops)} crops for {n} rois")
-    crops = [np.asarray(c) for c in crops]
-    x0, y0, width, height = rois.T
-    shapes = [c.shape for c in crops]
-    if shapes != list(zip(height.tolist(), width.tolist())):
-        i = next(i for i, s in enumerate(shapes) if s != (height[i], width[i]))
-        raise InputError(f"crops[{i}]: shape {shapes[i]} is not the roi's height x width "
-                         f"{height[i]} x {width[i]}")
-    if n < 2:
+    _check_crops(rois, crops, probs)
+    if rois.shape[0] < 2:
         return _no_pairs()
+    a, b, windows = _intersecting_pairs(rois)
+    if not a.size:
+        return _no_pairs()
+    visible, hidden = _planes(crops, probs)
+    sums = _window_sums(rois, visible, hidden, a, b, windows)
+    # (a, b) then (b, a) for every pair.
+    pairs = np.empty((a.size, 2, 2), np.int64)
+    pairs[:, 0, 0] = pairs[:, 1, 1] = a
+    pairs[:, 0, 1] = pairs[:, 1, 0] = b
+    evidence = sums.reshape(-1)
+    keep = evidence > 0
+    return pairs.reshape(-1, 2)[keep], evidence[keep]
+
+
+def pair_overlaps(rois: np.ndarray, crops: list):
+    """:func:`pair_evidence` of label crops: ``(pairs int64 [P, 2], pixels int64 [P])``, the
+    number of b's hidden pixels that a's visible pixels cover."""
+    pairs, evidence = pair_evidence(rois, crops)
+    return pairs, np.rint(evidence).astype(np.int64)
+
+
+def _intersecting_pairs(rois: np.ndarray):
+    """Pairs ``a < b`` (row-major) whose rois intersect, and their intersection windows
+    ``(x, y, width, height)``, each int64 [P]."""
+    x0, y0, width, height = rois.T
     x1, y1 = x0 + width, y0 + height
-    # Intersection of every pair of boxes at once; only intersecting pairs are compared.
+    # Intersection of every pair of boxes at once.
     ix0 = np.maximum(x0[:, None], x0[None, :])
     iy0 = np.maximum(y0[:, None], y0[None, :])
     ix1 = np.minimum(x1[:, None], x1[None, :])
@@ -110,51 +185,54 @@ def pair_overlaps(rois: np.ndarray, crops: list):
     a, b = np.nonzero((ix1 > ix0) & (iy1 > iy0))
     upper = a < b
     a, b = a[upper], b[upper]
-    if not a.size:
-        return _no_pairs()
     wx0, wy0 = ix0[a, b], iy0[a, b]
-    win_w, win_h = ix1[a, b] - wx0, iy1[a, b] - wy0
-    # Every crop in one flat array of labels: 1 visible, 2 hidden, 0 anything else.
-    labels = np.concatenate([c.reshape(-1) for c in crops])
-    if labels.dtype != np.uint8 or labels.max() > HIDDEN:
-        labels = np.where(labels == VISIBLE, VISIBLE,
-                          np.where(labels == HIDDEN, HIDDEN, 0)).astype(np.uint8)
+    return a, b, (wx0, wy0, ix1[a, b] - wx0, iy1[a, b] - wy0)
+
+
+def _window_sums(rois, visible, hidden, a, b, windows):
+    """float64 [P, 2]: per window, (sum visible_a * hidden_b, sum visible_b * hidden_a)."""
+    x0, y0, width, height = rois.T
+    wx0, wy0, win_w, win_h = windows
+    flat_visible, flat_hidden = np.concatenate(visible), np.concatenate(hidden)
     sizes = width * height
     offsets = np.cumsum(sizes) - sizes
     # Flat position of each window's top-left pixel in a's crop and in b's crop.
     corner_a = offsets[a] + (wy0 - y0[a]) * width[a] + (wx0 - x0[a])
     corner_b = offsets[b] + (wy0 - y0[b]) * width[b] + (wx0 - x0[b])
     area = win_w * win_h
-    counts = np.empty((a.size, 2), np.int64)
+    sums = np.empty((a.size, 2), np.float64)
     small = np.flatnonzero(area <= LOOP_PIXELS)
     if small.size:
         batch = np.cumsum(area[small]) // BATCH_PIXELS
         for part in np.split(small, np.flatnonzero(np.diff(batch)) + 1):
-            counts[part] = _window_overlaps(labels, corner_a[part], width[a[part]],
-                                            corner_b[part], width[b[part]],
-                                            win_w[part], win_h[part])
-    large = np.flatnonzero(area > LOOP_PIXELS)
-    if large.size:
-        counts[large] = _sliced_overlaps(crops, x0.tolist(), y0.tolist(), a[large], b[large],
-                                         wx0[large], wy0[large], win_w[large], win_h[large])
-    # (a, b) then (b, a) for every pair.
-    pairs = np.empty((a.size, 2, 2), np.int64)
-    pairs[:, 0, 0] = pairs[:, 1, 1] = a
-    pairs[:, 0, 1] = pairs[:, 1, 0] = b
-    pixels = counts.reshape(-1)
-    keep = pixels > 0
-    return pairs.reshape(-1, 2)[keep], pixels[keep]
+            sums[part] = _gathered_sums(flat_visible, flat_hidden, corner_a[part],
+                                        width[a[part]], corner_b[part], width[b[part]],
+                                        win_w[part], win_h[part])
+    for k in np.flatnonzero(area > LOOP_PIXELS).tolist():
+        i, j = int(a[k]), int(b[k])
+        in_i = _window_slices(rois[i], wx0[k], wy0[k], win_w[k], win_h[k])
+        in_j = _window_slices(rois[j], wx0[k], wy0[k], win_w[k], win_h[k])
+        shape_i, shape_j = (height[i], width[i]), (height[j], width[j])
+        vis_i, hid_i = visible[i].reshape(shape_i)[in_i], hidden[i].reshape(shape_i)[in_i]
+        vis_j, hid_j = visible[j].reshape(shape_j)[in_j], hidden[j].reshape(shape_j)[in_j]
+        sums[k] = (np.vdot(vis_i, hid_j), np.vdot(vis_j, hid_i))
+    return sums
+
+
+def _window_slices(roi, x, y, w, h) -> tuple:
+    """The slices of a ``h x w`` window at image position ``(x, y)`` in the crop of ``roi``."""
+    return (slice(y - roi[1], y - roi[1] + h), slice(x - roi[0], x - roi[0] + w))
 
 
 def _no_pairs():
-    return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    return np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
 
 
-def _window_overlaps(labels, corner_a, width_a, corner_b, width_b, win_w, win_h):
-    """Overlap counts in W windows, each a ``win_h x win_w`` region at flat position
-    ``corner_a`` of a crop ``width_a`` wide and at ``corner_b`` of one ``width_b`` wide
-    (all int64 [W]; ``labels`` the flat crops). Returns int64 [W, 2]: (a's visible on b's
-    hidden, b's visible on a's hidden)."""
+def _gathered_sums(flat_visible, flat_hidden, corner_a, width_a, corner_b, width_b, win_w,
+                   win_h):
+    """:func:`_window_sums` of W small windows together: window k is ``win_h[k] x
+    win_w[k]`` at flat position ``corner_a[k]`` of a crop ``width_a[k]`` wide and at
+    ``corner_b[k]`` of one ``width_b[k]`` wide (all int64 [W]). Returns float64 [W, 2]."""
     # One entry per window row: where the row starts in both crops and in the output.
     row_window = np.repeat(np.arange(win_h.size), win_h)
     first_row = np.cumsum(win_h) - win_h
@@ -164,41 +242,26 @@ def _window_overlaps(labels, corner_a, width_a, corner_b, width_b, win_w, win_h)
     shift_a = corner_a[row_window] + row * width_a[row_window] - out_start
     shift_b = corner_b[row_window] + row * width_b[row_window] - out_start
     out = np.arange(int(out_start[-1] + row_len[-1]))
-    code = labels[out + np.repeat(shift_a, row_len)] * np.uint8(3) \
-        + labels[out + np.repeat(shift_b, row_len)]
+    at_a = out + np.repeat(shift_a, row_len)
+    at_b = out + np.repeat(shift_b, row_len)
     window_start = np.cumsum(win_w * win_h) - win_w * win_h
-    return np.stack([np.add.reduceat(code == 3 * VISIBLE + HIDDEN, window_start, dtype=np.int64),
-                     np.add.reduceat(code == 3 * HIDDEN + VISIBLE, window_start, dtype=np.int64)],
-                    1)
+    a_on_b = flat_visible[at_a] * flat_hidden[at_b]
+    b_on_a = flat_visible[at_b] * flat_hidden[at_a]
+    return np.stack([np.add.reduceat(a_on_b, window_start, dtype=np.float64),
+                     np.add.reduceat(b_on_a, window_start, dtype=np.float64)], 1)
 
 
-def _sliced_overlaps(crops, x0, y0, a, b, wx0, wy0, win_w, win_h):
-    """Overlap counts in W windows one by one: window k is ``win_h[k] x win_w[k]`` at image
-    position ``(wx0[k], wy0[k])`` in crops ``a[k]`` and ``b[k]`` (``x0``, ``y0``: the rois'
-    corners). Returns int64 [W, 2] like :func:`_window_overlaps`."""
-    visible, hidden = {}, {}
-    counts = np.empty((len(a), 2), np.int64)
-    for k, (i, j, x, y, w, h) in enumerate(zip(a.tolist(), b.tolist(), wx0.tolist(),
-                                               wy0.tolist(), win_w.tolist(), win_h.tolist())):
-        for m in (i, j):
-            if m not in visible:
-                visible[m], hidden[m] = crops[m] == VISIBLE, crops[m] == HIDDEN
-        in_i = (slice(y - y0[i], y - y0[i] + h), slice(x - x0[i], x - x0[i] + w))
-        in_j = (slice(y - y0[j], y - y0[j] + h), slice(x - x0[j], x - x0[j] + w))
-        counts[k, 0] = np.count_nonzero(visible[i][in_i] & hidden[j][in_j])
-        counts[k, 1] = np.count_nonzero(visible[j][in_j] & hidden[i][in_i])
-    return counts
-
-
-def _check_thresholds(min_overlap_pixels, min_overlap_ratio) -> None:
-    if isinstance(min_overlap_pixels, bool) or not isinstance(
-            min_overlap_pixels, (int, np.integer)) or min_overlap_pixels < 0:
-        raise InputError(f"min_overlap_pixels must be an integer >= 0, got "
-                         f"{min_overlap_pixels!r}")
-    if isinstance(min_overlap_ratio, bool) or not isinstance(
-            min_overlap_ratio, (int, float, np.floating)) \
-            or not math.isfinite(min_overlap_ratio) or not 0.0 <= min_overlap_ratio <= 1.0:
-        raise InputError(f"min_overlap_ratio must be in [0, 1], got {min_overlap_ratio!r}")
+def _check_thresholds(min_overlap_pixels, min_overlap_ratio, min_confidence,
+                      prior_pixels) -> None:
+    for name, value, high in (("min_overlap_pixels", min_overlap_pixels, math.inf),
+                              ("min_overlap_ratio", min_overlap_ratio, 1.0),
+                              ("min_confidence", min_confidence, 1.0),
+                              ("prior_pixels", prior_pixels, math.inf)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                             np.floating)) \
+                or math.isnan(value) or not 0.0 <= value <= high or value == math.inf:
+            where = "[0, 1]" if high == 1.0 else "a finite number >= 0"
+            raise InputError(f"{name} must be {where}, got {value!r}")
 
 
 def _cyclic_components(n: int, edges: list) -> np.ndarray:
@@ -244,7 +307,7 @@ def _cyclic_components(n: int, edges: list) -> np.ndarray:
     return comp
 
 
-def _break_cycles(n: int, edges: list, pixels: list, ratios: list):
+def _break_cycles(n: int, edges: list, confidence: list, evidence: list):
     """Drop the weakest edge lying on a cycle until none is left; returns (kept, dropped)
     as lists of positions into ``edges``, dropped in the order they were dropped.
 
@@ -255,7 +318,7 @@ def _break_cycles(n: int, edges: list, pixels: list, ratios: list):
     """
     comp = _cyclic_components(n, edges)
     on_cycle = sorted((k for k, (a, b) in enumerate(edges) if comp[a] == comp[b]),
-                      key=lambda k: (pixels[k], ratios[k], edges[k]))
+                      key=lambda k: (confidence[k], evidence[k], edges[k]))
     if not on_cycle:
         return list(range(len(edges))), []
     succ = [set() for _ in range(n)]
@@ -307,45 +370,95 @@ def _layers(n: int, edges: list):
     return np.asarray(layers, np.int64) if seen == n else None
 
 
-def occlusion_graph(prediction, min_overlap_pixels: int = 20,
-                    min_overlap_ratio: float = 0.01) -> OcclusionGraph:
-    """The occlusion graph of ``prediction`` (a :class:`Prediction` or anything with
-    ``rois``, ``crops``, ``scores``, ``amodal_areas`` and ``occlusion_ratios``).
+def edge_confidence(evidence_ab, evidence_ba, prior_pixels: float = PRIOR_PIXELS):
+    """Probability that a lies on b from the evidence both ways (:func:`pair_evidence`):
+    ``e_ab / (e_ab + e_ba + prior_pixels)``. The prior keeps a few stray pixels from making
+    a confident edge, and a pair with evidence both ways from deciding firmly."""
+    evidence_ab = np.asarray(evidence_ab, np.float64)
+    total = evidence_ab + np.asarray(evidence_ba, np.float64) + prior_pixels
+    return np.divide(evidence_ab, total, out=np.zeros_like(total), where=total > 0)
 
-    An edge needs at least one overlapping pixel even when both thresholds are 0.
-    Raises :class:`InputError` for a negative pixel threshold or a ratio outside [0, 1].
+
+def occlusion_graph(prediction, min_overlap_pixels: float = MIN_OVERLAP_PIXELS,
+                    min_overlap_ratio: float = MIN_OVERLAP_RATIO,
+                    min_confidence: float = MIN_CONFIDENCE,
+                    prior_pixels: float = PRIOR_PIXELS) -> OcclusionGraph:
+    """The occlusion graph and pick order of ``prediction`` (a :class:`Prediction`, or
+    anything with ``rois``, ``crops``, ``scores``, ``amodal_areas`` and, optionally,
+    ``probs``).
+
+    The order is decided on the mask probabilities when the prediction has them, else on
+    its labels (see the module doc). An edge needs positive evidence even when every
+    threshold is 0. Raises :class:`InputError` for a threshold out of range.
     """
-    _check_thresholds(min_overlap_pixels, min_overlap_ratio)
+    _check_thresholds(min_overlap_pixels, min_overlap_ratio, min_confidence, prior_pixels)
     n = len(prediction.crops)
+    pairs, evidence = pair_evidence(prediction.rois, prediction.crops,
+                                    getattr(prediction, "probs", None))
+    confidence = edge_confidence(evidence, _reverse_lookup(pairs, evidence, n), prior_pixels)
     amodal = np.asarray(prediction.amodal_areas, np.int64).reshape(n)
-    pairs, pixels = pair_overlaps(prediction.rois, prediction.crops)
-    ratios = (pixels / np.maximum(amodal[pairs[:, 1]], 1)).astype(np.float32) if len(pairs) \
-        else np.zeros(0, np.float32)
-    keep = (pixels >= max(int(min_overlap_pixels), 1)) \
-        & (ratios >= np.float32(min_overlap_ratio))
-    pairs, pixels, ratios = pairs[keep], pixels[keep], ratios[keep]
-
+    ratios = (evidence / np.maximum(amodal[pairs[:, 1]], 1)).astype(np.float32)
+    free = _free_probability(n, pairs, confidence)
+    keep = (evidence >= min_overlap_pixels) & (ratios >= np.float32(min_overlap_ratio)) \
+        & (confidence >= min_confidence)
+    pairs, evidence, ratios, confidence = (pairs[keep], evidence[keep], ratios[keep],
+                                           confidence[keep])
     edge_list = [tuple(e) for e in pairs.tolist()]
     layers = _layers(n, edge_list)  # the cycle search only when there is a cycle
     if layers is None:
-        alive, dropped = _break_cycles(n, edge_list, pixels.tolist(), ratios.tolist())
+        alive, dropped = _break_cycles(n, edge_list, confidence.tolist(), evidence.tolist())
         layers = _layers(n, [edge_list[k] for k in alive])
     else:
         alive, dropped = range(len(edge_list)), []
-    dropped_edges = pairs[dropped].reshape(-1, 2)
     kept = np.asarray(sorted(alive, key=lambda k: edge_list[k]), np.int64)
     edges = pairs[kept].reshape(-1, 2)
-
     scores = np.asarray(prediction.scores, np.float64).reshape(n)
-    occlusion = np.asarray(prediction.occlusion_ratios, np.float64).reshape(n)
-    # np.lexsort sorts by the last key first.
-    pick_order = np.lexsort((np.arange(n), occlusion, -scores, layers)).astype(np.int64)
     return OcclusionGraph(
         edges=edges,
-        overlap_pixels=pixels[kept].astype(np.int64),
+        overlap_pixels=np.rint(evidence[kept]).astype(np.int64),
         overlap_ratio=ratios[kept].astype(np.float32),
+        confidence=confidence[kept].astype(np.float32),
         layers=layers,
-        pick_order=pick_order,
+        free_probability=free,
+        pick_order=_pick_order(n, edges, free, scores),
         has_cycle=bool(len(dropped)),
-        dropped_edges=dropped_edges.astype(np.int64),
+        dropped_edges=pairs[dropped].reshape(-1, 2).astype(np.int64),
     )
+
+
+def _reverse_lookup(pairs: np.ndarray, evidence: np.ndarray, n: int) -> np.ndarray:
+    """For each pair (a, b), the evidence of (b, a) (0 when it has none)."""
+    table = np.zeros((n, n), np.float64)
+    table[pairs[:, 0], pairs[:, 1]] = evidence
+    return table[pairs[:, 1], pairs[:, 0]]
+
+
+def _free_probability(n: int, pairs: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """float32 [n]: probability that nothing lies on each instance, the pairs taken as
+    independent: the product over all others of (1 - confidence that it lies on this one)."""
+    log_free = np.zeros(n, np.float64)
+    np.add.at(log_free, pairs[:, 1], np.log1p(-np.minimum(confidence, 1 - 1e-12)))
+    return np.exp(log_free).astype(np.float32)
+
+
+def _pick_order(n: int, edges: np.ndarray, free: np.ndarray, scores: np.ndarray):
+    """int64 [n]: a topological order of the (acyclic) graph that takes, among the instances
+    with nothing left on them, the most likely free first (ties: higher score, then lower
+    index). Removing objects in this order never removes one while the graph says that
+    something still lies on it."""
+    indegree = np.bincount(edges[:, 1], minlength=n) if len(edges) else np.zeros(n, np.int64)
+    succ = [[] for _ in range(n)]
+    for a, b in edges.tolist():
+        succ[a].append(b)
+    key = [(-float(free[i]), -float(scores[i]), i) for i in range(n)]
+    ready = [key[i] for i in range(n) if indegree[i] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)[2]
+        order.append(i)
+        for j in succ[i]:
+            indegree[j] -= 1
+            if indegree[j] == 0:
+                heapq.heappush(ready, key[j])
+    return np.asarray(order, np.int64)

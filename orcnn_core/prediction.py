@@ -24,7 +24,11 @@ class Prediction:
     ``rois`` int32 [N, 4] ``(x, y, width, height)`` of the integer amodal box
     (``floor(x1), floor(y1), ceil(x2) - floor(x1), ceil(y2) - floor(y1)``, at least 1 x 1;
     x and y may be negative); ``crops`` N uint8 arrays [height, width] of the roi with values
-    0 background, 1 visible, 2 amodal but hidden; ``image_size`` (height, width).
+    0 background, 1 visible, 2 amodal but hidden; ``image_size`` (height, width);
+    ``probs`` (optional) N uint8 arrays [2, height, width]: the amodal and visible mask
+    probabilities over the roi, 255 = 1 (0 outside the image for visible), the evidence the
+    occlusion order is decided on (:mod:`orcnn_core.occlusion`); None when only the labels
+    are known (then the order is decided on the labels).
     """
 
     boxes: np.ndarray
@@ -34,16 +38,29 @@ class Prediction:
     rois: np.ndarray
     crops: list
     image_size: tuple
+    probs: list = None
     _stats: dict = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls, image_size) -> "Prediction":
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
                    np.zeros(0, np.int64), [], np.zeros((0, 4), np.int32), [],
-                   tuple(image_size))
+                   tuple(image_size), probs=[])
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def subset(self, indices) -> "Prediction":
+        """A new Prediction of the instances at ``indices`` (any int sequence or array, in
+        that order; repeats allowed), ``probs`` included when present; this one is not
+        changed. The per-instance crops are shared, not copied."""
+        index = np.asarray(indices, np.int64).reshape(-1)
+        picked = index.tolist()
+        return type(self)(
+            boxes=self.boxes[index], scores=self.scores[index], labels=self.labels[index],
+            class_names=[self.class_names[i] for i in picked], rois=self.rois[index],
+            crops=[self.crops[i] for i in picked], image_size=tuple(self.image_size),
+            probs=None if self.probs is None else [self.probs[i] for i in picked])
 
     def _counts(self) -> dict:
         if self._stats is None:

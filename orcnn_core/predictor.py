@@ -49,8 +49,10 @@ def _bilinear_weights(first: torch.Tensor, size: int, low: torch.Tensor, high: t
     return weights, weights * in_image[..., None]
 
 
-def _label_batch(boxes, rois, probs, height, width, rows, cols):
-    """uint8 labels [D, rows, cols] of D detections whose integer boxes fit rows x cols."""
+def _label_batch(boxes, rois, probs, height, width, rows, cols, with_probs=False):
+    """uint8 labels [D, rows, cols] of D detections whose integer boxes fit rows x cols;
+    with ``with_probs`` also their probabilities, uint8 [D, 2, rows, cols] (amodal, visible;
+    255 = 1)."""
     cells = probs.shape[-1]
     boxes = boxes.to(probs.dtype)
     ry, ry_in_image = _bilinear_weights(rois[:, 1], rows, boxes[:, 1], boxes[:, 3], cells,
@@ -58,15 +60,20 @@ def _label_batch(boxes, rois, probs, height, width, rows, cols):
     rx, rx_in_image = _bilinear_weights(rois[:, 0], cols, boxes[:, 0], boxes[:, 2], cells,
                                         width)
     # Separable bilinear resampling: P_crop = R_y @ P_mask @ R_x^T, per detection.
-    amodal = ry @ probs[:, 0] @ rx.transpose(1, 2) >= 0.5
+    p_amodal = ry @ probs[:, 0] @ rx.transpose(1, 2)
     # Weights zeroed outside the image make p_visible 0 there: nothing outside is visible.
-    visible = ry_in_image @ probs[:, 1] @ rx_in_image.transpose(1, 2) >= 0.5
+    p_visible = ry_in_image @ probs[:, 1] @ rx_in_image.transpose(1, 2)
+    amodal, visible = p_amodal >= 0.5, p_visible >= 0.5
     # VISIBLE (1) on every amodal pixel, one more where it is hidden: HIDDEN (2).
-    return amodal.view(torch.uint8) + (amodal & ~visible).view(torch.uint8)
+    labels = amodal.view(torch.uint8) + (amodal & ~visible).view(torch.uint8)
+    if not with_probs:
+        return labels, None
+    quantised = torch.stack([p_amodal, p_visible], 1).mul_(255).round_().clamp_(0, 255)
+    return labels, quantised.to(torch.uint8)
 
 
 def label_crops(boxes: torch.Tensor, amodal_logits: torch.Tensor,
-                visible_logits: torch.Tensor, image_size):
+                visible_logits: torch.Tensor, image_size, with_probs: bool = False):
     """Resample each detection's M x M masks onto its integer amodal box and label them.
 
     Args:
@@ -74,7 +81,9 @@ def label_crops(boxes: torch.Tensor, amodal_logits: torch.Tensor,
         amodal_logits, visible_logits: float [D, M, M] over each box.
         image_size: (height, width).
     Returns:
-        (rois int64 [D, 4] as x, y, width, height; list of D uint8 tensors [h, w]).
+        (rois int64 [D, 4] as x, y, width, height; list of D uint8 tensors [h, w]); with
+        ``with_probs`` a third item, D uint8 tensors [2, h, w]: the resampled amodal and
+        visible probabilities, quantised to 0..255 (the occlusion order's evidence).
     The M x M mask spans the float box; each crop pixel takes the bilinear interpolation of
     the mask probabilities at its centre (zeros outside the mask). A pixel is amodal when
     p_amodal >= 0.5, visible when it is amodal, p_visible >= 0.5 and inside the image;
@@ -89,7 +98,7 @@ def label_crops(boxes: torch.Tensor, amodal_logits: torch.Tensor,
     rois = torch.stack([x0, y0, w, h], 1).long()
     probs = torch.stack([amodal_logits, visible_logits], 1).float().sigmoid()  # [D, 2, M, M]
     sizes = rois[:, 2:].tolist()  # one device sync for all detections
-    crops = []
+    crops, prob_crops = [], []
     start = 0
     while start < len(sizes):
         # Grow the batch while its padded size stays within the budget (at least one).
@@ -100,11 +109,14 @@ def label_crops(boxes: torch.Tensor, amodal_logits: torch.Tensor,
                     > CROP_BATCH_PIXELS:
                 break
             rows, cols, end = max(rows, hi), max(cols, wi), end + 1
-        labels = _label_batch(boxes[start:end], rois[start:end], probs[start:end], height,
-                              width, rows, cols)
+        labels, quantised = _label_batch(boxes[start:end], rois[start:end], probs[start:end],
+                                         height, width, rows, cols, with_probs)
         crops += [labels[i, :hi, :wi] for i, (wi, hi) in enumerate(sizes[start:end])]
+        if with_probs:
+            prob_crops += [quantised[i, :, :hi, :wi]
+                           for i, (wi, hi) in enumerate(sizes[start:end])]
         start = end
-    return rois, crops
+    return (rois, crops, prob_crops) if with_probs else (rois, crops)
 
 
 class Predictor:
@@ -189,13 +201,9 @@ class Predictor:
         boxes = det["boxes"]
         if boxes.shape[0] == 0:
             return Prediction.empty(image_size)
-        rois, crops = label_crops(boxes, det["amodal_mask_logits"], det["visible_mask_logits"],
-                                  image_size)
-        # One device-to-host copy for all crops.
-        flat = torch.cat([c.flatten() for c in crops]).cpu().numpy()
-        sizes = [c.numel() for c in crops]
-        pieces = np.split(flat, np.cumsum(sizes)[:-1])
-        crops_np = [p.reshape(c.shape) for p, c in zip(pieces, crops)]
+        rois, crops, probs = label_crops(boxes, det["amodal_mask_logits"],
+                                         det["visible_mask_logits"], image_size,
+                                         with_probs=True)
         labels = det["labels"].cpu().numpy().astype(np.int64)
         return Prediction(
             boxes=boxes.float().cpu().numpy(),
@@ -203,6 +211,14 @@ class Predictor:
             labels=labels,
             class_names=[self.class_names[i] for i in labels],
             rois=rois.cpu().numpy().astype(np.int32),
-            crops=crops_np,
+            crops=_to_numpy(crops),
             image_size=tuple(image_size),
+            probs=_to_numpy(probs),
         )
+
+
+def _to_numpy(tensors: list) -> list:
+    """numpy copies of same-dtype tensors with one device-to-host copy for all."""
+    flat = torch.cat([t.flatten() for t in tensors]).cpu().numpy()
+    pieces = np.split(flat, np.cumsum([t.numel() for t in tensors])[:-1])
+    return [p.reshape(t.shape) for p, t in zip(pieces, tensors)]

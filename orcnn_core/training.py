@@ -20,6 +20,7 @@ file but the append-only log is written to a temporary file and renamed. A faile
 and the last good checkpoint, which the failed write leaves untouched.
 """
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -30,6 +31,7 @@ import pickle
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +39,19 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from orcnn_core.data import AmodalSample, load_dataset, write_amodal_coco
+from orcnn_core.data import (AmodalDataset, AmodalSample, load_dataset, parse_dataset,
+                             write_amodal_coco)
+from orcnn_core.devices import resolve_device
 from orcnn_core.errors import InputError
+from orcnn_core.evaluation import evaluate_loaded
 from orcnn_core.fileio import TEMP_SUFFIX, WriteError, atomic_write_bytes, atomic_write_json
 from orcnn_core.losses import total_loss
 from orcnn_core.model import build_model
-from orcnn_core.predictor import Predictor, resolve_device
+from orcnn_core.predictor import Predictor
+from orcnn_core.results import prediction_to_coco
 from orcnn_core.synth import SynthConfig, render_scene
 from orcnn_core.train_config import SynthDataConfig, TrainConfig
+from orcnn_core.visualize import draw_prediction
 from orcnn_core.weights import (
     init_from_maskrcnn_state_dict,
     load_weights,
@@ -268,16 +275,13 @@ def _restore(state: dict, path: Path, model, optimizer, scheduler, total: int) -
 
 
 # ---------------------------------------------------------------------------- evaluation
-def evaluate_model(model, scenes, gt: dict, device, max_images=None) -> dict:
+def evaluate_model(model, scenes, gt: AmodalDataset, device, max_images=None) -> dict:
     """Run the model on ``scenes`` and score it against ``gt`` (orcnn_core.evaluation)."""
-    from orcnn_core.evaluation import evaluate_loaded
-    from orcnn_core.results import prediction_to_coco
-
     was_training = model.training
     predictor = Predictor(model, device=device)
     results = []
     count = len(scenes) if max_images is None else min(len(scenes), max_images)
-    image_ids = {im["file_name"]: im["id"] for im in gt["images"]}
+    image_ids = {r.file_name: r.image_id for r in gt.records}
     category_ids = [c["id"] for c in scenes.categories]
     for i in range(count):
         sample = scenes[i]
@@ -291,8 +295,6 @@ def evaluate_model(model, scenes, gt: dict, device, max_images=None) -> dict:
 
 def _overlay(model, sample, device) -> np.ndarray:
     """RGB overlay of one validation image for TensorBoard."""
-    from orcnn_core.visualize import draw_prediction
-
     was_training = model.training
     image = sample.load_image()
     prediction = Predictor(model, device=device)(image)
@@ -314,6 +316,12 @@ def _distributed():
 
 
 def check_output_dir(path: Path) -> None:
+    """Create the output folder when missing and prove it writable.
+
+    Not :func:`orcnn_core.imageio.check_writable_dir`: the probe here carries the temporary
+    file suffix, so the stale-file clean-up of the next run removes it when a kill lands
+    between its creation and removal.
+    """
     try:
         path.mkdir(parents=True, exist_ok=True)
         # Named like a temporary file so that a run killed here leaves nothing behind.
@@ -359,14 +367,70 @@ def _write_failure(exc: OSError, out: Path) -> str:
     return f"{what}; {left}"
 
 
+@dataclass
+class _Run:
+    """What the iterations of one run work with, all built before the first of them."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module  # the model itself in a one-process run
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    val_scenes: object
+    start: int  # the first iteration this process runs
+    resumed: bool
+    use_amp: bool
+    scaler: torch.amp.GradScaler
+    writer: object = None  # TensorBoard SummaryWriter, rank 0 only
+    gt: AmodalDataset = None  # validation ground truth, rank 0 only
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+
 def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
     rank, world, local_rank = _distributed()
-    device = resolve_device(cfg.device)
+    device = _training_device(cfg.device, world, local_rank)
+    out = Path(cfg.output_dir)
+    train_scenes, val_scenes = _open_checked_inputs(cfg, resume, out, rank)
+    model, optimizer, scheduler = _build_training_objects(cfg, resume, device, rank)
+    start = _resume(out, model, optimizer, scheduler, cfg, rank) if resume else 0
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    loader = _make_loader(cfg, train_scenes, world, rank, start)
+    use_amp = cfg.solver.amp and device.type == "cuda"
+    run = _Run(cfg=cfg, rank=rank, world=world, device=device, out=out, model=model,
+               ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
+               val_scenes=val_scenes, start=start, resumed=resume, use_amp=use_amp,
+               scaler=torch.amp.GradScaler("cuda", enabled=use_amp))
+    if rank == 0:
+        run.writer, run.gt = _start_outputs(cfg, out, val_scenes, start)
+    iteration, metrics, stopped = _run_iterations(run, loader, progress)
+    if stopped:
+        return {"iteration": iteration, "weights": None, "metrics": metrics,
+                "stopped": stopped}
+    return _finish(run, iteration)
+
+
+def _training_device(name: str, world: int, local_rank: int) -> torch.device:
+    """The device ``name`` resolves to; under DDP on CUDA, this process's own GPU."""
+    device = resolve_device(name)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    out = Path(cfg.output_dir)
-    checkpoint_path = out / CHECKPOINT
+    return device
+
+
+def _open_checked_inputs(cfg: TrainConfig, resume: bool, out: Path, rank: int):
+    """(training scenes, validation scenes), after every check that can fail before the
+    first iteration; also removes temporary files a killed run left in ``out``."""
     train_scenes = open_scenes(cfg.data.train, cfg.data.train_images, cfg.data.synth_train,
                                "data.train")
     val_scenes = open_scenes(cfg.data.val, cfg.data.val_images, cfg.data.synth_val,
@@ -386,15 +450,21 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
     elif list(cfg.model.class_names) != names:
         raise InputError(f"model.class_names {cfg.model.class_names} differ from the training "
                          f"data's categories {names} (or set classes_from_data: true)")
+    checkpoint_path = out / CHECKPOINT
     if resume and not checkpoint_path.is_file():
         raise InputError(f"{checkpoint_path}: no checkpoint to resume from (train without "
                          f"--resume to start)")
+    return train_scenes, val_scenes
 
+
+def _build_training_objects(cfg: TrainConfig, resume: bool, device, rank: int):
+    """(model, optimiser, lr scheduler): the model seeded from ``cfg.seed``, with the
+    ``init_weights`` of a fresh run, on ``device`` in training mode."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     if cfg.init_weights and not resume:
         if cfg.init_weights.endswith(".safetensors"):
-            init_cfg, state = load_weights(cfg.init_weights)
+            _, state = load_weights(cfg.init_weights)
             model.load_state_dict(state, strict=False)
         else:
             init_from_maskrcnn_state_dict(model, cfg.init_weights, verbose=rank == 0)
@@ -402,139 +472,190 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
     optimizer = build_optimizer(model, cfg.solver)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, cfg.solver))
-    start = 0
-    if resume:
-        state = load_checkpoint(checkpoint_path)
-        start = _restore(state, checkpoint_path, model, optimizer, scheduler,
-                         cfg.solver.iterations)
-        del state
-        if rank == 0:
-            _trim_log(out, start)
-            print(f"resuming from {checkpoint_path} at iteration {start}", flush=True)
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, optimizer, scheduler
 
-    total = cfg.solver.iterations
-    loader = torch.utils.data.DataLoader(
-        _TrainingSet(train_scenes), batch_size=cfg.solver.images_per_batch,
-        sampler=IterationSampler(len(train_scenes), cfg.solver.images_per_batch, world, rank,
-                                 cfg.seed, start, total, cfg.data.horizontal_flip),
+
+def _resume(out: Path, model, optimizer, scheduler, cfg: TrainConfig, rank: int) -> int:
+    """Load the last checkpoint into the training objects; returns its iteration."""
+    checkpoint_path = out / CHECKPOINT
+    state = load_checkpoint(checkpoint_path)
+    start = _restore(state, checkpoint_path, model, optimizer, scheduler,
+                     cfg.solver.iterations)
+    if rank == 0:
+        _trim_log(out, start)
+        print(f"resuming from {checkpoint_path} at iteration {start}", flush=True)
+    return start
+
+
+def _make_loader(cfg: TrainConfig, scenes, world: int, rank: int, start: int):
+    """The batches of this rank for iterations ``start`` to the last."""
+    return torch.utils.data.DataLoader(
+        _TrainingSet(scenes), batch_size=cfg.solver.images_per_batch,
+        sampler=IterationSampler(len(scenes), cfg.solver.images_per_batch, world, rank,
+                                 cfg.seed, start, cfg.solver.iterations,
+                                 cfg.data.horizontal_flip),
         collate_fn=_collate, num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
         # Its own generator: starting the loader must not draw from the global torch RNG,
         # or a resumed run would sample different RoIs than an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed))
-    use_amp = cfg.solver.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    writer = None
-    gt = None
-    if rank == 0:
-        atomic_write_bytes(out / "config.yaml",
-                           yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        if isinstance(val_scenes, SynthScenes):
-            gt = write_amodal_coco(iter(val_scenes), out / "val_annotations.json",
-                                   categories=val_scenes.categories)
-        else:
-            gt = json.loads(Path(cfg.data.val).read_text(encoding="utf-8"))
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start)
 
-    stop = {"signal": None}
+def _start_outputs(cfg: TrainConfig, out: Path, val_scenes, start: int):
+    """(TensorBoard writer, validation ground truth), after writing config.yaml and, for
+    synthetic validation data, val_annotations.json (rank 0's job)."""
+    atomic_write_bytes(out / "config.yaml",
+                       yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    if isinstance(val_scenes, SynthScenes):
+        path = out / "val_annotations.json"
+        gt = parse_dataset(write_amodal_coco(iter(val_scenes), path,
+                                             categories=val_scenes.categories), str(path))
+    else:
+        gt = val_scenes  # already read and checked by open_scenes
+    from torch.utils.tensorboard import SummaryWriter
 
-    def request_stop(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
+    return SummaryWriter(str(out / "tensorboard"), purge_step=start), gt
 
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    metrics = {}
-    iteration = start
-    bar = None
-    if rank == 0 and progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-    try:
-        last_saved = start if resume else None
+
+class _StopOnSignal:
+    """While entered, SIGINT and SIGTERM set :attr:`signal` to the signal's name instead of
+    interrupting: the run finishes its iteration, saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._request)
+                          for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _request(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+
+def _progress_bar(run: _Run, progress: bool):
+    """A tqdm bar on rank 0 when ``progress``, else a context that gives None."""
+    if run.rank != 0 or not progress:
+        return contextlib.nullcontext()
+    from tqdm import tqdm
+
+    return tqdm(total=run.cfg.solver.iterations, initial=run.start, desc="train",
+                dynamic_ncols=True)
+
+
+def _run_iterations(run: _Run, loader, progress: bool):
+    """The iterations; returns (last iteration, last evaluation's metrics, the name of the
+    signal that stopped the run early or None)."""
+    total, cfg = run.cfg.solver.iterations, run.cfg
+    iteration, metrics = run.start, {}
+    last_saved = run.start if run.resumed else None
+    with _StopOnSignal() as stop, _progress_bar(run, progress) as bar:
         t_start = time.perf_counter()
         for images, targets in loader:
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-                        for k, v in t.items()} for t in targets]
-            with torch.autocast(device.type, enabled=use_amp):
-                losses = ddp_model(images, targets)
-            loss = total_loss(losses)
-            if not torch.isfinite(loss):
-                where = (f"the last good checkpoint is {checkpoint_path} (iteration "
-                         f"{last_saved})" if last_saved is not None
-                         else "no checkpoint was written yet")
-                bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
-                raise TrainingStopped(f"loss is {float(loss)} at iteration {iteration + 1} "
-                                      f"({bad}); {where}; lower solver.lr or enable "
-                                      f"solver.grad_clip_norm")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.solver.grad_clip_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            losses, loss = _training_step(run, images, targets, iteration, last_saved)
             iteration += 1
-
-            if rank == 0:
-                lr = scheduler.get_last_lr()[0]
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2g}")
-                if iteration % cfg.log_period == 0 or iteration == total:
-                    values = {k: v.item() for k, v in losses.items()}
-                    values["total"] = loss.item()
-                    seconds = (time.perf_counter() - t_start) / max(iteration - start, 1)
-                    for k, v in values.items():
-                        writer.add_scalar(f"loss/{k}", v, iteration)
-                    writer.add_scalar("lr", lr, iteration)
-                    writer.add_scalar("time/iteration_s", seconds, iteration)
-                    _append_log(out, {"iteration": iteration, "lr": lr, "losses": values,
-                                      "seconds_per_iteration": seconds})
+            if run.rank == 0:
+                _log_iteration(run, bar, iteration, losses, loss, t_start)
             done = iteration == total
-            if rank == 0 and (iteration % cfg.checkpoint_period == 0 or done or stop["signal"]):
-                save_checkpoint(checkpoint_path, model, optimizer, scheduler, iteration)
+            if run.rank == 0 and (iteration % cfg.checkpoint_period == 0 or done
+                                  or stop.signal):
+                save_checkpoint(run.checkpoint_path, run.model, run.optimizer, run.scheduler,
+                                iteration)
                 last_saved = iteration
-            if rank == 0 and cfg.eval_period and iteration % cfg.eval_period == 0 and not done:
-                metrics = _evaluate_and_log(model, val_scenes, gt, device, writer, iteration, out)
-            if world > 1:
-                # Every rank learns about a signal any rank received.
-                flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
-                dist.all_reduce(flag)
-                if flag.item() and not stop["signal"]:
-                    stop["signal"] = "SIGTERM"
-            if stop["signal"]:
-                if rank == 0:
-                    print(f"\n{stop['signal']}: stopped at iteration {iteration}; checkpoint "
-                          f"{checkpoint_path}; continue with --resume")
-                return {"iteration": iteration, "weights": None, "metrics": metrics,
-                        "stopped": stop["signal"]}
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if bar is not None:
-            bar.close()
+            if run.rank == 0 and cfg.eval_period and iteration % cfg.eval_period == 0 \
+                    and not done:
+                metrics = _evaluate_and_log(run.model, run.val_scenes, run.gt, run.device,
+                                            run.writer, iteration, run.out)
+            # Every rank learns about a signal any rank received.
+            if run.world > 1 and _any_rank_stopping(stop.signal, run.device) \
+                    and not stop.signal:
+                stop.signal = "SIGTERM"
+            if stop.signal:
+                if run.rank == 0:
+                    print(f"\n{stop.signal}: stopped at iteration {iteration}; checkpoint "
+                          f"{run.checkpoint_path}; continue with --resume")
+                return iteration, metrics, stop.signal
+    return iteration, metrics, None
 
-    weights = None
-    if world > 1:
+
+def _training_step(run: _Run, images, targets, iteration: int, last_saved):
+    """One optimiser step on a batch; returns (loss dict, total loss). A loss that is not
+    finite stops the run (:class:`TrainingStopped`) before the step changes anything."""
+    device = run.device
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in t.items()} for t in targets]
+    with torch.autocast(device.type, enabled=run.use_amp):
+        losses = run.ddp_model(images, targets)
+    loss = total_loss(losses)
+    if not torch.isfinite(loss):
+        where = (f"the last good checkpoint is {run.checkpoint_path} (iteration "
+                 f"{last_saved})" if last_saved is not None
+                 else "no checkpoint was written yet")
+        bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+        raise TrainingStopped(f"loss is {float(loss)} at iteration {iteration + 1} "
+                              f"({bad}); {where}; lower solver.lr or enable "
+                              f"solver.grad_clip_norm")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.cfg.solver.grad_clip_norm > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.solver.grad_clip_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return losses, loss
+
+
+def _log_iteration(run: _Run, bar, iteration: int, losses, loss, t_start: float) -> None:
+    """Progress bar every iteration; losses, lr and time per iteration to TensorBoard and
+    the log every ``log_period`` iterations and at the last (rank 0)."""
+    lr = run.scheduler.get_last_lr()[0]
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2g}")
+    if iteration % run.cfg.log_period != 0 and iteration != run.cfg.solver.iterations:
+        return
+    values = {k: v.item() for k, v in losses.items()}
+    values["total"] = loss.item()
+    seconds = (time.perf_counter() - t_start) / max(iteration - run.start, 1)
+    for k, v in values.items():
+        run.writer.add_scalar(f"loss/{k}", v, iteration)
+    run.writer.add_scalar("lr", lr, iteration)
+    run.writer.add_scalar("time/iteration_s", seconds, iteration)
+    _append_log(run.out, {"iteration": iteration, "lr": lr, "losses": values,
+                          "seconds_per_iteration": seconds})
+
+
+def _any_rank_stopping(stopping, device) -> bool:
+    """True on every rank when any rank was asked to stop (one all-reduce)."""
+    flag = torch.tensor([1.0 if stopping else 0.0], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def _finish(run: _Run, iteration: int) -> dict:
+    """After the last iteration: the final weights, evaluation and metrics.json (rank 0)."""
+    weights, metrics = None, {}
+    if run.world > 1:
         # DDP keeps the replicas' weights equal; each rank prints a digest to show it.
         # One write per line: the ranks share stdout, and print() writes text and newline
         # separately, which lets two ranks' lines run together.
-        sys.stdout.write(f"rank {rank}: weights sha256 {state_digest(model)}\n")
+        sys.stdout.write(f"rank {run.rank}: weights sha256 {state_digest(run.model)}\n")
         sys.stdout.flush()
-    if rank == 0:
-        weights = save_weights(model, cfg.model, out / FINAL_WEIGHTS,
-                               dtype=getattr(torch, cfg.weights_dtype))
-        metrics = _evaluate_and_log(model, val_scenes, gt, device, writer, iteration, out)
-        atomic_write_json(out / "metrics.json", metrics, indent=2)
-        writer.close()
-    if world > 1:
+    if run.rank == 0:
+        weights = save_weights(run.model, run.cfg.model, run.out / FINAL_WEIGHTS,
+                               dtype=getattr(torch, run.cfg.weights_dtype))
+        metrics = _evaluate_and_log(run.model, run.val_scenes, run.gt, run.device,
+                                    run.writer, iteration, run.out)
+        atomic_write_json(run.out / "metrics.json", metrics, indent=2)
+        run.writer.close()
+    if run.world > 1:
         dist.barrier()
     return {"iteration": iteration, "weights": weights, "metrics": metrics, "stopped": None}
 

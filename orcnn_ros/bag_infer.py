@@ -25,6 +25,15 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from rclpy.serialization import serialize_message  # noqa: E402
+from rosbags.rosbag2 import Reader, Writer  # noqa: E402
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore  # noqa: E402
+
+from orcnn_core.errors import InputError  # noqa: E402
+from orcnn_core.occlusion import occlusion_graph  # noqa: E402
+from orcnn_core.visualize import draw_prediction  # noqa: E402
+from orcnn_ros import conversions  # noqa: E402
+
 __all__ = ["msg_dir", "make_typestore", "infer_bag", "main"]
 
 OUTPUT_TYPE = "orcnn_ros/msg/AmodalInstanceArray"
@@ -48,8 +57,6 @@ def msg_dir() -> Path:
 def make_typestore():
     """A rosbags typestore (ROS 2 Kilted, or the newest the installed rosbags knows) with
     the orcnn_ros messages registered from their .msg files."""
-    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-
     store = get_typestore(getattr(Stores, "ROS2_KILTED", Stores.LATEST))
     types = {}
     for path in sorted(msg_dir().glob("*.msg")):
@@ -70,23 +77,10 @@ def infer_bag(bag, topic, out, predictor, *, score_threshold=0.5, max_instances=
 
     Raises ValueError for a missing topic or one that holds no images.
     """
-    from rclpy.serialization import serialize_message
-    from rosbags.rosbag2 import Reader, Writer
-
-    from orcnn_core.occlusion import occlusion_graph
-    from orcnn_core.visualize import draw_prediction
-    from orcnn_ros import conversions
-
     store = make_typestore()
     summary = dict(frames=0, malformed=0, instances=0, inference_ms=0.0, output=str(out))
     with Reader(bag) as reader:
-        connections = [c for c in reader.connections if c.topic == topic]
-        if not connections:
-            raise ValueError(f"{bag}: no topic {topic!r} (topics: "
-                             f"{', '.join(sorted(reader.topics)) or 'none'})")
-        if any(c.msgtype not in IMAGE_TYPES for c in connections):
-            raise ValueError(f"{bag}: topic {topic!r} holds {connections[0].msgtype}, not "
-                             f"{' or '.join(IMAGE_TYPES)}")
+        connections = _image_connections(reader, bag, topic)
         with Writer(out, version=Writer.VERSION_LATEST) as writer:
             out_conn = writer.add_connection(output_topic, OUTPUT_TYPE, typestore=store)
             overlay_conn = None
@@ -132,7 +126,20 @@ def infer_bag(bag, topic, out, predictor, *, score_threshold=0.5, max_instances=
     return summary
 
 
-def main(argv=None) -> int:
+def _image_connections(reader, bag, topic: str) -> list:
+    """The connections of ``topic`` in the bag ``reader`` reads; ValueError when there is
+    none or they hold something other than images."""
+    connections = [c for c in reader.connections if c.topic == topic]
+    if not connections:
+        raise ValueError(f"{bag}: no topic {topic!r} (topics: "
+                         f"{', '.join(sorted(reader.topics)) or 'none'})")
+    if any(c.msgtype not in IMAGE_TYPES for c in connections):
+        raise ValueError(f"{bag}: topic {topic!r} holds {connections[0].msgtype}, not "
+                         f"{' or '.join(IMAGE_TYPES)}")
+    return connections
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m orcnn_ros.bag_infer",
         description="Amodal instance segmentation of the images in a rosbag2; writes "
@@ -153,9 +160,13 @@ def main(argv=None) -> int:
     parser.add_argument("--overlay-topic", default="/orcnn_perception/debug_image")
     parser.add_argument("--no-overlay", action="store_true", help="write no overlay images")
     parser.add_argument("--limit", type=int, default=0, help="stop after N frames (0: all)")
-    args = parser.parse_args(argv)
+    return parser
 
-    from orcnn_core.errors import InputError
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported after parsing, not at the top: both import torch, which takes seconds and
+    # is not needed for --help or a usage error.
     from orcnn_core.predictor import Predictor
     from orcnn_ros.perception_node import default_model_path
 

@@ -294,12 +294,7 @@ def select_instances(prediction, score_threshold: float, max_instances: int):
     order = order[scores[order] >= score_threshold][:max(int(max_instances), 0)]
     if len(order) == len(scores) and np.array_equal(order, np.arange(len(scores))):
         return prediction
-    return type(prediction)(
-        boxes=prediction.boxes[order], scores=prediction.scores[order],
-        labels=prediction.labels[order],
-        class_names=[prediction.class_names[i] for i in order],
-        rois=prediction.rois[order], crops=[prediction.crops[i] for i in order],
-        image_size=tuple(prediction.image_size))
+    return prediction.subset(order)
 
 
 def instance_array_msg(prediction, graph, header, model_name: str = "",
@@ -316,14 +311,14 @@ def instance_array_msg(prediction, graph, header, model_name: str = "",
                   prediction.class_names, prediction.scores.tolist(),
                   prediction.amodal_areas.tolist(), prediction.visible_areas.tolist(),
                   prediction.occlusion_ratios.tolist(), prediction.truncated.tolist(),
-                  graph.layers.tolist())
+                  graph.layers.tolist(), graph.free_probability.tolist())
     instances = []
     for i, ((x, y, w, h), crop, label, name, score, amodal, visible, ratio, truncated,
-            layer) in enumerate(columns):
+            layer, free) in enumerate(columns):
         instance = AmodalInstance(
             id=i, class_id=label, class_name=name, score=score, roi_x=x, roi_y=y,
             roi_width=w, roi_height=h, amodal_area=amodal, visible_area=visible,
-            occlusion_ratio=ratio, truncated=truncated, layer=layer)
+            occlusion_ratio=ratio, truncated=truncated, layer=layer, free_probability=free)
         # The mask fills the Image the constructor made anyway (a second one would cost
         # as much again); array('B') is the fast path of uint8[] (one copy, no per-pixel
         # check even with ROS_PYTHON_CHECK_FIELDS=1).
@@ -334,9 +329,11 @@ def instance_array_msg(prediction, graph, header, model_name: str = "",
         mask.data = array("B", np.ascontiguousarray(crop, np.uint8).tobytes())
         instances.append(instance)
     out.instances = instances
-    out.edges = [OcclusionEdge(occluder=a, occludee=b, overlap_pixels=p, overlap_ratio=r)
-                 for (a, b), p, r in zip(graph.edges.tolist(), graph.overlap_pixels.tolist(),
-                                         graph.overlap_ratio.tolist())]
+    out.edges = [OcclusionEdge(occluder=a, occludee=b, overlap_pixels=p, overlap_ratio=r,
+                               confidence=c)
+                 for (a, b), p, r, c in zip(graph.edges.tolist(), graph.overlap_pixels.tolist(),
+                                            graph.overlap_ratio.tolist(),
+                                            graph.confidence.tolist())]
     out.pick_order = graph.pick_order.tolist()
     return out
 

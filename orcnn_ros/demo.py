@@ -27,6 +27,17 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import rclpy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+
+from orcnn_core.fileio import atomic_write_json  # noqa: E402
+from orcnn_ros.conversions import image_to_array  # noqa: E402
+from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
+
 CAMERA_TOPIC = "/orcnn_demo/image"
 OUTPUT_TOPIC = "/amodal_instances"
 OVERLAY_TOPIC = "/orcnn_perception/debug_image"
@@ -88,109 +99,21 @@ def frame_line(index: int, msg, age_ms: float) -> str:
 
 
 def run(args) -> int:
-    import cv2
-    import numpy as np
-    import rclpy
-    from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
-
-    from orcnn_ros.conversions import image_to_array
-    from orcnn_ros.msg import AmodalInstanceArray
-    from orcnn_ros.perception_node import (BUNDLED_MODEL, bundled_model_candidates,
-                                           default_model_path)
-
-    model = Path(args.model) if args.model else default_model_path()
-    if not model.is_file():
-        if args.model:
-            print(f"demo: the model {model} is missing.", file=sys.stderr)
-        else:
-            looked = " and ".join(str(p) for p in bundled_model_candidates())
-            print(f"demo: the bundled model {BUNDLED_MODEL} is missing (looked for {looked})."
-                  f" The demo runs it; to try another model, set ORCNN_DEMO_MODEL or pass "
-                  f"--model PATH.", file=sys.stderr)
+    """The demo as the command line describes it; returns the exit status."""
+    model = demo_model(args.model)
+    if model is None:
         return 2
     out = Path(args.out).resolve()
-    overlays = out / "overlays"
-    overlays.mkdir(parents=True, exist_ok=True)
-    for old in overlays.glob("frame_*.png"):  # results of an earlier run
-        old.unlink()
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-
-    node_args = ["-m", "orcnn_ros.perception_node", "--ros-args"]
-    config = params_file()
-    if config is not None:
-        node_args += ["--params-file", str(config)]
-    node_args += ["-r", f"image:={CAMERA_TOPIC}", "-p", f"model_path:={model}",
-                  "-p", f"device:={args.device}"]
-    if args.score_threshold is not None:
-        node_args += ["-p", f"score_threshold:={args.score_threshold}"]
-    camera_args = ["-m", "orcnn_ros.sim_camera", "--ros-args", "-r", f"image:={CAMERA_TOPIC}",
-                   "-p", f"rate:={float(args.rate)}", "-p", f"width:={args.width}",
-                   "-p", f"height:={args.height}", "-p", f"seed:={args.seed}"]
+    overlays, logs = prepare_output(out)
     print(f"demo: model {model}, camera {args.width}x{args.height} at {args.rate:g} Hz, "
           f"{args.frames} frames, output in {out}")
-
     rclpy.init()
-    consumer = rclpy.create_node("orcnn_demo_consumer")
-    arrays, overlay_msgs, diagnostics = [], {}, {}
-
-    def on_array(msg):
-        arrays.append((msg, consumer.get_clock().now().nanoseconds))
-
-    def on_overlay(msg):
-        overlay_msgs[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = msg
-
-    def on_diagnostics(msg):
-        for status in msg.status:
-            if status.name.startswith("orcnn_perception"):
-                diagnostics.update({kv.key: kv.value for kv in status.values},
-                                   level=int.from_bytes(status.level, "little"),
-                                   message=status.message)
-
-    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-    consumer.create_subscription(AmodalInstanceArray, OUTPUT_TOPIC, on_array, reliable)
-    consumer.create_subscription(Image, OVERLAY_TOPIC, on_overlay, reliable)
-    consumer.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
-
-    node = start(node_args, logs / "perception_node.log")
-    camera = start(camera_args, logs / "sim_camera.log")
-    records, written, shown = [], 0, 0
-    started = time.monotonic()
-    first_at = None
+    consumer = Consumer()
+    node = start(node_command(args, model), logs / "perception_node.log")
+    camera = start(camera_command(args), logs / "sim_camera.log")
     interrupted = False
     try:
-        while len(records) < args.frames and time.monotonic() - started < args.timeout:
-            rclpy.spin_once(consumer, timeout_sec=0.1)
-            if node.poll() is not None:
-                print(f"demo: the perception node exited with code {node.returncode}",
-                      file=sys.stderr)
-                break
-            while shown < len(arrays) and len(records) < args.frames:
-                msg, received_ns = arrays[shown]
-                shown += 1
-                stamp_ns = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
-                age_ms = (received_ns - stamp_ns) / 1e6
-                first_at = first_at or time.monotonic()
-                records.append(dict(
-                    stamp=[msg.header.stamp.sec, msg.header.stamp.nanosec],
-                    instances=len(msg.instances),
-                    occluded=sum(1 for i in msg.instances if i.layer > 0),
-                    classes=[i.class_name for i in msg.instances],
-                    scores=[round(float(i.score), 3) for i in msg.instances],
-                    occlusion_ratios=[round(float(i.occlusion_ratio), 3)
-                                      for i in msg.instances],
-                    edges=[[e.occluder, e.occludee] for e in msg.edges],
-                    pick_order=list(msg.pick_order), has_cycle=bool(msg.has_cycle),
-                    latency_ms=round(float(msg.latency_ms), 1),
-                    inference_ms=round(float(msg.inference_ms), 1),
-                    frame_age_ms=round(age_ms, 1)))
-                print(frame_line(len(records), msg, age_ms), flush=True)
-        # Overlays of the last frames may still be on their way.
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and len(overlay_msgs) < len(records):
-            rclpy.spin_once(consumer, timeout_sec=0.1)
+        consumer.collect(node, args.frames, args.timeout)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -198,7 +121,159 @@ def run(args) -> int:
         node_rc = stop(node)
         consumer.destroy_node()
         rclpy.try_shutdown()
+    records = consumer.records
+    written = write_overlays(records, consumer.overlays, overlays)
+    summary = dict(
+        model=str(model), device=consumer.diagnostics.get("device"), frames=len(records),
+        frames_requested=args.frames, camera=dict(width=args.width, height=args.height,
+                                                  rate_hz=args.rate),
+        output_rate_hz=output_rate(records, consumer.first_at),
+        **record_statistics(records), overlays_written=written,
+        node_diagnostics=consumer.diagnostics, node_exit_code=node_rc,
+        camera_exit_code=camera_rc, interrupted=interrupted, records=records)
+    atomic_write_json(out / "summary.json", summary, indent=2)
+    if not records:
+        print_node_failure(args.timeout, logs / "perception_node.log")
+        return 1
+    print(f"demo: {len(records)} frames, {summary['instances_mean']} instances and "
+          f"{summary['occluded_mean']} occluded per frame, latency "
+          f"{summary['latency_ms_median']} ms median (model {summary['inference_ms_mean']} "
+          f"ms), frame age {summary['frame_age_ms_median']} ms median; {written} overlays "
+          f"and summary.json in {out}")
+    return 130 if interrupted else 0
 
+
+def demo_model(model_arg: str):
+    """The model file the demo runs (``--model``, else the bundled model); None, after
+    saying why, when it is missing."""
+    # Imported here, not at the top: the node module imports torch (through the
+    # Predictor), which this process never uses and which would make --help take seconds.
+    from orcnn_ros.perception_node import (BUNDLED_MODEL, bundled_model_candidates,
+                                           default_model_path)
+
+    model = Path(model_arg) if model_arg else default_model_path()
+    if model.is_file():
+        return model
+    if model_arg:
+        print(f"demo: the model {model} is missing.", file=sys.stderr)
+    else:
+        looked = " and ".join(str(p) for p in bundled_model_candidates())
+        print(f"demo: the bundled model {BUNDLED_MODEL} is missing (looked for {looked})."
+              f" The demo runs it; to try another model, set ORCNN_DEMO_MODEL or pass "
+              f"--model PATH.", file=sys.stderr)
+    return None
+
+
+def prepare_output(out: Path):
+    """(overlay folder, log folder) in ``out``, without the overlays of an earlier run."""
+    overlays = out / "overlays"
+    overlays.mkdir(parents=True, exist_ok=True)
+    for old in overlays.glob("frame_*.png"):
+        old.unlink()
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    return overlays, logs
+
+
+def node_command(args, model: Path) -> list:
+    """Arguments of ``python -P`` that start the perception node on the demo camera."""
+    command = ["-m", "orcnn_ros.perception_node", "--ros-args"]
+    config = params_file()
+    if config is not None:
+        command += ["--params-file", str(config)]
+    command += ["-r", f"image:={CAMERA_TOPIC}", "-p", f"model_path:={model}",
+                "-p", f"device:={args.device}"]
+    if args.score_threshold is not None:
+        command += ["-p", f"score_threshold:={args.score_threshold}"]
+    return command
+
+
+def camera_command(args) -> list:
+    """Arguments of ``python -P`` that start the simulated camera."""
+    return ["-m", "orcnn_ros.sim_camera", "--ros-args", "-r", f"image:={CAMERA_TOPIC}",
+            "-p", f"rate:={float(args.rate)}", "-p", f"width:={args.width}",
+            "-p", f"height:={args.height}", "-p", f"seed:={args.seed}"]
+
+
+class Consumer:
+    """The demo's own ROS node: collects the node's answers, overlays and diagnostics."""
+
+    def __init__(self):
+        self.node = rclpy.create_node("orcnn_demo_consumer")
+        self.arrays = []  # [(AmodalInstanceArray, arrival time ns)]
+        self.records = []  # frame_record() of each answer shown, in arrival order
+        self.first_at = None  # time.monotonic() of the first record
+        self.overlays = {}  # (stamp sec, nanosec) -> overlay Image
+        self.diagnostics = {}  # the node's last diagnostic values, level and message
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.node.create_subscription(AmodalInstanceArray, OUTPUT_TOPIC, self._on_array,
+                                      reliable)
+        self.node.create_subscription(Image, OVERLAY_TOPIC, self._on_overlay, reliable)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics,
+                                      10)
+
+    def _on_array(self, msg) -> None:
+        self.arrays.append((msg, self.node.get_clock().now().nanoseconds))
+
+    def _on_overlay(self, msg) -> None:
+        self.overlays[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = msg
+
+    def _on_diagnostics(self, msg) -> None:
+        for status in msg.status:
+            if status.name.startswith("orcnn_perception"):
+                self.diagnostics.update({kv.key: kv.value for kv in status.values},
+                                        level=int.from_bytes(status.level, "little"),
+                                        message=status.message)
+
+    def collect(self, node: subprocess.Popen, frames: int, timeout: float) -> None:
+        """Record each answer (and print its line) until ``frames`` answers, ``timeout``
+        seconds or the exit of the ``node`` process."""
+        records = self.records
+        started = time.monotonic()
+        shown = 0
+        while len(records) < frames and time.monotonic() - started < timeout:
+            rclpy.spin_once(self.node, timeout_sec=0.1)
+            if node.poll() is not None:
+                print(f"demo: the perception node exited with code {node.returncode}",
+                      file=sys.stderr)
+                break
+            while shown < len(self.arrays) and len(records) < frames:
+                msg, received_ns = self.arrays[shown]
+                shown += 1
+                stamp_ns = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+                age_ms = (received_ns - stamp_ns) / 1e6
+                self.first_at = self.first_at or time.monotonic()
+                records.append(frame_record(msg, age_ms))
+                print(frame_line(len(records), msg, age_ms), flush=True)
+        # Overlays of the last frames may still be on their way.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and len(self.overlays) < len(records):
+            rclpy.spin_once(self.node, timeout_sec=0.1)
+
+    def destroy_node(self) -> None:
+        self.node.destroy_node()
+
+
+def frame_record(msg, age_ms: float) -> dict:
+    """One answer as summary.json keeps it."""
+    return dict(
+        stamp=[msg.header.stamp.sec, msg.header.stamp.nanosec],
+        instances=len(msg.instances),
+        occluded=sum(1 for i in msg.instances if i.layer > 0),
+        classes=[i.class_name for i in msg.instances],
+        scores=[round(float(i.score), 3) for i in msg.instances],
+        occlusion_ratios=[round(float(i.occlusion_ratio), 3) for i in msg.instances],
+        edges=[[e.occluder, e.occludee] for e in msg.edges],
+        pick_order=list(msg.pick_order), has_cycle=bool(msg.has_cycle),
+        latency_ms=round(float(msg.latency_ms), 1),
+        inference_ms=round(float(msg.inference_ms), 1),
+        frame_age_ms=round(age_ms, 1))
+
+
+def write_overlays(records: list, overlay_msgs: dict, folder: Path) -> int:
+    """Write the overlay of each record that has one as a PNG (named in the record);
+    returns how many."""
+    written = 0
     for i, record in enumerate(records, 1):
         overlay = overlay_msgs.get(tuple(record["stamp"]))
         if overlay is None:
@@ -206,10 +281,20 @@ def run(args) -> int:
         image, order = image_to_array(overlay)
         if order == "rgb":
             image = np.ascontiguousarray(image[:, :, ::-1])
-        cv2.imwrite(str(overlays / f"frame_{i:04d}.png"), image)
+        cv2.imwrite(str(folder / f"frame_{i:04d}.png"), image)
         record["overlay"] = f"overlays/frame_{i:04d}.png"
         written += 1
+    return written
 
+
+def output_rate(records: list, first_at) -> float:
+    """Answers per second from the first answer on (None with fewer than two)."""
+    elapsed = time.monotonic() - first_at if first_at and len(records) > 1 else 0.0
+    return round((len(records) - 1) / elapsed, 2) if elapsed else None
+
+
+def record_statistics(records: list) -> dict:
+    """Means and medians over the records, in the order summary.json lists them."""
     def mean(key):
         values = [r[key] for r in records]
         return round(statistics.fmean(values), 1) if values else None
@@ -218,34 +303,19 @@ def run(args) -> int:
         values = [r[key] for r in records]
         return round(statistics.median(values), 1) if values else None
 
-    elapsed = time.monotonic() - first_at if first_at and len(records) > 1 else 0.0
-    summary = dict(
-        model=str(model), device=diagnostics.get("device"), frames=len(records),
-        frames_requested=args.frames, camera=dict(width=args.width, height=args.height,
-                                                  rate_hz=args.rate),
-        output_rate_hz=round((len(records) - 1) / elapsed, 2) if elapsed else None,
-        instances_mean=mean("instances"), occluded_mean=mean("occluded"),
-        latency_ms_mean=mean("latency_ms"), latency_ms_median=median("latency_ms"),
-        inference_ms_mean=mean("inference_ms"), frame_age_ms_mean=mean("frame_age_ms"),
-        frame_age_ms_median=median("frame_age_ms"), overlays_written=written,
-        node_diagnostics=diagnostics, node_exit_code=node_rc, camera_exit_code=camera_rc,
-        interrupted=interrupted, records=records)
-    from orcnn_core.fileio import atomic_write_json
+    return dict(instances_mean=mean("instances"), occluded_mean=mean("occluded"),
+                latency_ms_mean=mean("latency_ms"), latency_ms_median=median("latency_ms"),
+                inference_ms_mean=mean("inference_ms"),
+                frame_age_ms_mean=mean("frame_age_ms"),
+                frame_age_ms_median=median("frame_age_ms"))
 
-    atomic_write_json(out / "summary.json", summary, indent=2)
-    if not records:
-        print(f"demo: FAILED, the node published nothing within {args.timeout:g} s; see "
-              f"{logs / 'perception_node.log'}:", file=sys.stderr)
-        log_text = (logs / "perception_node.log").read_text(errors="replace").splitlines()
-        for line in log_text[-15:]:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    print(f"demo: {len(records)} frames, {summary['instances_mean']} instances and "
-          f"{summary['occluded_mean']} occluded per frame, latency "
-          f"{summary['latency_ms_median']} ms median (model {summary['inference_ms_mean']} "
-          f"ms), frame age {summary['frame_age_ms_median']} ms median; {written} overlays "
-          f"and summary.json in {out}")
-    return 130 if interrupted else 0
+
+def print_node_failure(timeout: float, log_path: Path) -> None:
+    print(f"demo: FAILED, the node published nothing within {timeout:g} s; see "
+          f"{log_path}:", file=sys.stderr)
+    log_text = log_path.read_text(errors="replace").splitlines()
+    for line in log_text[-15:]:
+        print(f"  {line}", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -71,7 +71,8 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSPolicyKind,  # noqa: 
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from orcnn_core.backends import BACKENDS, BackendError  # noqa: E402
-from orcnn_core.occlusion import occlusion_graph  # noqa: E402
+from orcnn_core.occlusion import (MIN_CONFIDENCE, MIN_OVERLAP_PIXELS,  # noqa: E402
+                                  MIN_OVERLAP_RATIO, occlusion_graph)
 from orcnn_core.predictor import Predictor  # noqa: E402
 from orcnn_ros import conversions  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
@@ -124,10 +125,13 @@ PARAMETERS = {
                         (0.0, 1.0)),
     "max_instances": (50, "at most this many instances per frame (the highest scores)",
                       False, (1, 1000)),
-    "min_overlap_pixels": (20, "occlusion edge A->B needs at least this many pixels of B's "
-                           "hidden part under A's visible part", False, (0, 10_000_000)),
-    "min_overlap_ratio": (0.01, "occlusion edge A->B needs that overlap to be at least "
-                          "this fraction of B's amodal area", False, (0.0, 1.0)),
+    "min_overlap_pixels": (int(MIN_OVERLAP_PIXELS), "occlusion edge A->B needs at least "
+                           "this much evidence: (expected) pixels of B's hidden part under "
+                           "A's visible part", False, (0, 10_000_000)),
+    "min_overlap_ratio": (MIN_OVERLAP_RATIO, "occlusion edge A->B needs that evidence to be "
+                          "at least this fraction of B's amodal area", False, (0.0, 1.0)),
+    "min_edge_confidence": (MIN_CONFIDENCE, "occlusion edge A->B needs P(A lies on B) at "
+                            "least this", False, (0.0, 1.0)),
     "use_compressed": (False, "subscribe to image/compressed (sensor_msgs/CompressedImage) "
                        "instead of image (sensor_msgs/Image)", True, None),
     "qos_reliability": ("best_effort", "input QoS reliability: best_effort (sensor data; "
@@ -209,6 +213,7 @@ class Settings:
     max_instances: int
     min_overlap_pixels: int
     min_overlap_ratio: float
+    min_edge_confidence: float
     use_compressed: bool
     qos_reliability: str
     qos_depth: int
@@ -525,7 +530,7 @@ class PerceptionNode(LifecycleNode):
         prediction = conversions.select_instances(prediction, settings.score_threshold,
                                                   settings.max_instances)
         graph = occlusion_graph(prediction, settings.min_overlap_pixels,
-                                settings.min_overlap_ratio)
+                                settings.min_overlap_ratio, settings.min_edge_confidence)
         out = conversions.instance_array_msg(prediction, graph, msg.header, self._model_name,
                                              inference_ms)
         out.latency_ms = (time.monotonic() - received) * 1000.0

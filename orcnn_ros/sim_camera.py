@@ -30,6 +30,7 @@ from rclpy.node import Node  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
+from orcnn_core.synth import SynthConfig, generate_samples  # noqa: E402
 from orcnn_ros.conversions import array_to_image_msg  # noqa: E402
 
 __all__ = ["SimCamera", "render_frames", "main"]
@@ -38,8 +39,6 @@ __all__ = ["SimCamera", "render_frames", "main"]
 def render_frames(count: int, width: int, height: int, seed: int, encoding: str = "rgb8"):
     """``count`` synthetic scenes as H x W x 3 uint8 arrays in the channel order of
     ``encoding`` (rgb8 or bgr8)."""
-    from orcnn_core.synth import SynthConfig, generate_samples
-
     cfg = SynthConfig(width=width, height=height)
     frames = [s.image for s in generate_samples(count, seed, cfg)]
     if encoding == "bgr8":

@@ -2,9 +2,15 @@
 
 import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The helper modules next to this file (tiny_models, node_harness, helpers) are imported by
+# name; with --import-mode=importlib pytest puts no test folder on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pytest_configure(config):
@@ -36,17 +42,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
-    """Weights file of an untrained, fast model (160 x 120 input); score threshold 0 makes
-    it emit up to 20 detections on any image."""
-    from orcnn_core.config import ModelConfig
-    from orcnn_core.model import build_model
-    from orcnn_core.weights import save_weights
+    """Weights file of an untrained, fast model (tiny_models.NODE_MODEL: 160 x 120 input);
+    score threshold 0 makes it emit up to 20 detections on any image."""
+    from tiny_models import NODE_MODEL, save_tiny_model
 
-    torch.manual_seed(0)
-    cfg = ModelConfig.small(
-        num_classes=3, class_names=["box", "can"], min_size=120, max_size=160,
-        fpn_channels=32, box_head_dim=64, mask_head_channels=32, rpn_pre_nms_top_n_test=50,
-        rpn_post_nms_top_n_test=20, box_detections_per_img=20, box_score_thresh=0.0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_weights(build_model(cfg), cfg, path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", **NODE_MODEL)

@@ -1,9 +1,6 @@
 """Inference back-ends against eager torch: raw detections, final crops, the graph cache,
 bad names, and the ROS node running the onnxruntime back-end over real DDS."""
 
-import threading
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -129,72 +126,46 @@ def test_cli_backend_option(tmp_path, tiny_model_path, capsys):
 
 # ----------------------------------------------------------------------------- ROS node
 def test_node_runs_the_onnxruntime_backend(tiny_model_path, ros_domain_id):
-    rclpy = pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
+    pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
     from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.parameter import Parameter
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
+    from node_harness import RELIABLE, Collector, Harness
     from orcnn_ros.conversions import array_to_image_msg
     from orcnn_ros.msg import AmodalInstanceArray
-    from orcnn_ros.perception_node import PerceptionNode
 
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-    client = rclpy.create_node("backend_test_client", context=context)
-    client_executor = SingleThreadedExecutor(context=context)
-    client_executor.add_node(client)
-    node = executor = None
-    try:
-        params = dict(model_path=str(tiny_model_path), device="cpu", score_threshold=0.0,
-                      max_instances=15, backend="onnxruntime")
-        node = PerceptionNode(context=context, parameter_overrides=[
-            Parameter(k, value=v) for k, v in params.items()])
-        assert node.lifecycle_state() == "active"
-        executor = SingleThreadedExecutor(context=context)
-        executor.add_node(node)
-        threading.Thread(target=executor.spin, daemon=True).start()
-        answers, diagnostics = [], []
-        client.create_subscription(AmodalInstanceArray, "/amodal_instances", answers.append,
-                                   reliable)
-        client.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
-        pub = client.create_publisher(Image, "/image", reliable)
+    with Harness("backend_test_client", rosout=False) as harness:
+        node = harness.start_node(tiny_model_path, max_instances=15, backend="onnxruntime")
+        try:
+            assert node.lifecycle_state() == "active"
+            answers = Collector(harness, AmodalInstanceArray, "/amodal_instances")
+            diagnostics = Collector(harness, DiagnosticArray, "/diagnostics", 10)
+            pub = harness.node.create_publisher(Image, "/image", RELIABLE)
+            harness.spin_until(lambda: pub.get_subscription_count() > 0, 60, "discovery")
+            # 320 x 240: the size the node warms up with at configure, so its graph exists.
+            image = next(generate_samples(1, 5, SynthConfig(width=320, height=240))).image
+            pub.publish(array_to_image_msg(image, "rgb8"))
+            harness.spin_until(lambda: answers.messages, 60, "an AmodalInstanceArray")
+            answer = answers.messages[0]
+            assert (answer.image_width, answer.image_height) == (320, 240)
+            assert len(answer.instances) == 15
+            # One graph: the one built at configure, for the warm-up's size and these
+            # settings.
+            assert [(b.height, b.width) for b in node._predictor.backend.builds] \
+                == [(240, 320)]
+            # The same classes and scores as eager torch gives on the same image.
+            expected = Predictor.from_file(tiny_model_path, device="cpu", score_thresh=0.0)(
+                image)
+            assert [i.class_id for i in answer.instances] == expected.labels[:15].tolist()
+            np.testing.assert_allclose([i.score for i in answer.instances],
+                                       expected.scores[:15], atol=TOLERANCES["scores"])
 
-        def spin_until(predicate, what, timeout=60.0):
-            deadline = time.monotonic() + timeout
-            while not predicate():
-                assert time.monotonic() < deadline, f"timed out waiting for {what}"
-                client_executor.spin_once(timeout_sec=0.05)
+            def backend_values():
+                return [kv.value for m in diagnostics.messages for s in m.status
+                        for kv in s.values
+                        if s.name == "orcnn_perception: inference" and kv.key == "backend"]
 
-        spin_until(lambda: pub.get_subscription_count() > 0, "discovery")
-        # 320 x 240: the size the node warms up with at configure, so its graph exists.
-        image = next(generate_samples(1, 5, SynthConfig(width=320, height=240))).image
-        pub.publish(array_to_image_msg(image, "rgb8"))
-        spin_until(lambda: answers, "an AmodalInstanceArray")
-        assert (answers[0].image_width, answers[0].image_height) == (320, 240)
-        assert len(answers[0].instances) == 15
-        # One graph: the one built at configure, for the warm-up's size and these settings.
-        assert [(b.height, b.width) for b in node._predictor.backend.builds] == [(240, 320)]
-        # The same classes and scores as eager torch gives on the same image.
-        expected = Predictor.from_file(tiny_model_path, device="cpu", score_thresh=0.0)(
-            image)
-        assert [i.class_id for i in answers[0].instances] == expected.labels[:15].tolist()
-        np.testing.assert_allclose([i.score for i in answers[0].instances],
-                                   expected.scores[:15], atol=TOLERANCES["scores"])
-
-        def backend_values():
-            return [kv.value for m in diagnostics for s in m.status for kv in s.values
-                    if s.name == "orcnn_perception: inference" and kv.key == "backend"]
-
-        spin_until(backend_values, "a diagnostics message", 10.0)
-        assert backend_values()[-1] == "onnxruntime"
-    finally:
-        if executor is not None:
-            executor.shutdown()
-        if node is not None:
-            node.destroy_node()
-        client_executor.shutdown()
-        client.destroy_node()
-        rclpy.shutdown(context=context)
+            harness.spin_until(backend_values, 10, "a diagnostics message")
+            assert backend_values()[-1] == "onnxruntime"
+        finally:
+            harness.destroy(node)

@@ -15,7 +15,7 @@ from rclpy.serialization import deserialize_message, serialize_message  # noqa: 
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
-from orcnn_core.occlusion import occlusion_graph  # noqa: E402
+from orcnn_core.occlusion import PRIOR_PIXELS, occlusion_graph  # noqa: E402
 from orcnn_core.prediction import Prediction  # noqa: E402
 from orcnn_ros import conversions  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
@@ -168,6 +168,24 @@ def hand_prediction():
                       rois=rois, crops=crops, image_size=(40, 60))
 
 
+def probs_prediction():
+    """Three 4 x 4 instances on a 10 x 10 image with mask probabilities: A (0) fully visible
+    at x 0..3; B (1) at x 0..3, amodal everywhere, visible 0 in its left half and 0.6 in its
+    right half; C (2) at x 2..5, amodal everywhere, visible 0 in its left half (under A and
+    B) and 1 in its right half. Evidence: A on B 8 + 8 * 0.4 = 11.2, A on C 8, B on C
+    8 * 0.6 = 4.8, nothing the other way."""
+    probs = [np.full((2, 4, 4), 255, np.uint8) for _ in range(3)]
+    probs[1][1, :, :2], probs[1][1, :, 2:] = 0, 153
+    probs[2][1, :, :2] = 0
+    crops = [np.ones((4, 4), np.uint8) for _ in range(3)]
+    crops[1][:, :2] = crops[2][:, :2] = 2
+    rois = np.array([[0, 0, 4, 4], [0, 0, 4, 4], [2, 0, 4, 4]], np.int32)
+    boxes = np.concatenate([rois[:, :2], rois[:, :2] + rois[:, 2:]], 1).astype(np.float32)
+    return Prediction(boxes=boxes, scores=np.array([0.5, 0.7, 0.9], np.float32),
+                      labels=np.array([1, 2, 3]), class_names=["a", "b", "c"], rois=rois,
+                      crops=crops, image_size=(10, 10), probs=probs)
+
+
 def test_select_instances_threshold_and_cap():
     pred = hand_prediction()
     everything = conversions.select_instances(pred, 0.0, 10)
@@ -180,6 +198,27 @@ def test_select_instances_threshold_and_cap():
     assert capped.scores.tolist() == pytest.approx([0.9, 0.75])
     assert len(conversions.select_instances(pred, 0.95, 10)) == 0
     assert len(pred) == 3  # the input is untouched
+    assert everything.probs is None and top.probs is None
+
+
+def test_select_instances_keeps_probs_aligned():
+    pred = probs_prediction()
+    assert conversions.select_instances(pred, 0.0, 10) is not pred  # reordered: C, B, A
+    for threshold, cap, expected in ((0.0, 10, [2, 1, 0]), (0.6, 10, [2, 1]),
+                                     (0.0, 1, [2]), (0.95, 10, [])):
+        sub = conversions.select_instances(pred, threshold, cap)
+        assert len(sub) == len(sub.probs) == len(sub.crops) == len(expected)
+        assert sub.class_names == [pred.class_names[i] for i in expected]
+        np.testing.assert_array_equal(sub.rois, pred.rois[expected].reshape(-1, 4))
+        for k, i in enumerate(expected):
+            np.testing.assert_array_equal(sub.probs[k], pred.probs[i])
+            np.testing.assert_array_equal(sub.crops[k], pred.crops[i])
+    # The graph of the selection is the graph of the same instances, renumbered.
+    sub = conversions.select_instances(pred, 0.6, 10)  # C, B
+    graph = occlusion_graph(sub, min_confidence=0.0)
+    assert graph.edges.tolist() == [[1, 0]]  # B on C
+    assert graph.confidence.tolist() == pytest.approx([4.8 / (4.8 + PRIOR_PIXELS)], rel=1e-5)
+    assert len(pred) == 3 and len(pred.probs) == 3  # the input is untouched
 
 
 def test_instance_array_message_fields():
@@ -197,7 +236,7 @@ def test_instance_array_message_fields():
     assert msg.inference_ms == pytest.approx(12.5) and msg.latency_ms == pytest.approx(20.25)
     assert [(e.occluder, e.occludee, e.overlap_pixels) for e in msg.edges] == [(1, 0, 48)]
     assert msg.edges[0].overlap_ratio == pytest.approx(48 / 120)
-    assert list(msg.pick_order) == [2, 1, 0]  # layer 0 by score (0.75, 0.6), then 0
+    assert list(msg.pick_order) == [2, 1, 0]  # 2 and 1 surely free, by score; then 0
     assert not msg.has_cycle
     for i, inst in enumerate(msg.instances):
         x, y, w, h = pred.rois[i].tolist()
@@ -216,6 +255,36 @@ def test_instance_array_message_fields():
         [48 / 120, 0.0, 1 - 30 / 54])
     assert [i.truncated for i in msg.instances] == [False, False, True]
     assert [i.layer for i in msg.instances] == [1, 0, 0]
+    # Nothing covers 1's hidden part: P(1 on 0) = 48 / (48 + 0 + prior).
+    confidence = 48 / (48 + PRIOR_PIXELS)
+    assert [e.confidence for e in msg.edges] == pytest.approx([confidence], rel=1e-6)
+    assert [i.free_probability for i in msg.instances] == pytest.approx(
+        [1 - confidence, 1.0, 1.0], rel=1e-6)
+
+
+def test_instance_array_message_carries_confidences_of_mask_probabilities():
+    pred = probs_prediction()
+    graph = occlusion_graph(pred, min_overlap_pixels=1, min_overlap_ratio=0.0,
+                            min_confidence=0.0)
+    msg = conversions.instance_array_msg(pred, graph, Header(frame_id="cam"), "m")
+    msg = deserialize_message(serialize_message(msg), AmodalInstanceArray)
+    evidence = {(0, 1): 11.2, (0, 2): 8.0, (1, 2): 4.8}
+    confidence = {edge: e / (e + PRIOR_PIXELS) for edge, e in evidence.items()}
+    assert [(e.occluder, e.occludee) for e in msg.edges] == list(evidence)
+    assert [e.overlap_pixels for e in msg.edges] == [11, 8, 5]  # the evidence, rounded
+    assert [e.overlap_ratio for e in msg.edges] == pytest.approx(
+        [e / 16 for e in evidence.values()], rel=1e-5)
+    assert [e.confidence for e in msg.edges] == pytest.approx(list(confidence.values()),
+                                                              rel=1e-5)
+    assert [i.free_probability for i in msg.instances] == pytest.approx(
+        [1.0, 1 - confidence[0, 1], (1 - confidence[0, 2]) * (1 - confidence[1, 2])],
+        rel=1e-5)
+    # float32 in the graph, float32 in the message: the very same numbers.
+    assert [e.confidence for e in msg.edges] == graph.confidence.tolist()
+    assert [i.free_probability for i in msg.instances] == graph.free_probability.tolist()
+    # A lies on B and C, B on C: whatever the scores (C highest), A, then B, then C.
+    assert list(msg.pick_order) == graph.pick_order.tolist() == [0, 1, 2]
+    assert [i.layer for i in msg.instances] == [0, 1, 2]
 
 
 def test_empty_prediction_message():

@@ -8,9 +8,9 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from orcnn_core.data import AmodalSample, load_dataset, write_amodal_coco
+from orcnn_core.data import AmodalSample, load_dataset, parse_dataset, write_amodal_coco
 from orcnn_core.errors import InputError
-from orcnn_core.masks import encode
+from orcnn_core.masks import decode, encode
 
 W, H = 40, 30  # fixture image size
 
@@ -303,6 +303,46 @@ def test_writer_renumbers_clashing_ids(tmp_path):
     np.testing.assert_array_equal(again[1].amodal_masks, s.amodal_masks)
 
 
+def test_records_keep_the_masks_as_given(tmp_path):
+    """What evaluation reads: masks as the file gives them (None where it gives none)."""
+    obj, ref = d2s_fixture(tmp_path)
+    ds = load_dataset(write_json(tmp_path / "d2s.json", obj))
+    assert ds.relations_given and [r.image_id for r in ds.records] == [11, 12]
+    a, b = ds.records[0].instances
+    assert (a.ann_id, a.label, a.iscrowd, a.occlude_rate) == (7, 1, False, 0.1)
+    np.testing.assert_array_equal(decode(a.invisible), A_AMODAL & (1 - ref["a_visible"]))
+    assert b.visible is None and b.invisible is None and b.occlude_rate is None
+    assert ds.records[0].relations == [(1, 0)] and ds.records[0].padding == P
+    del obj["occlusion_relations"]
+    assert not load_dataset(write_json(tmp_path / "d2s.json", obj)).relations_given
+
+
+def test_crowd_regions_are_checked_and_kept_out_of_samples(tmp_path):
+    obj, _ = d2s_fixture(tmp_path)
+    _ann(obj, 7)["iscrowd"] = 1
+    obj["occlusion_relations"].append({"image_id": 11, "occluder_id": 7, "occludee_id": 8})
+    ds = load_dataset(write_json(tmp_path / "d2s.json", obj))
+    assert [i.iscrowd for i in ds.records[0].instances] == [True, False]
+    assert ds.records[0].relations == [(1, 0), (0, 1)]
+    s = ds[0]
+    np.testing.assert_array_equal(s.annotation_ids, [8])
+    assert s.occlusion_relations.shape == (0, 2)  # both name the crowd region
+    _ann(obj, 7)["category_id"] = 4  # a crowd region is checked like any annotation
+    with pytest.raises(InputError, match=r"annotation 7: category_id 4 is not in"):
+        load_dataset(write_json(tmp_path / "d2s.json", obj))
+
+
+def test_images_need_no_file_name_where_none_is_read(tmp_path):
+    obj, _ = d2s_fixture(tmp_path)
+    del obj["images"][0]["file_name"]
+    with pytest.raises(InputError, match=r"image 11: key 'file_name' missing"):
+        parse_dataset(obj, "gt.json")
+    ds = parse_dataset(obj, "gt.json", need_file_names=False)
+    assert ds.records[0].file_name == "" and ds[1].image_path.endswith("b.png")
+    with pytest.raises(InputError, match=r"image 11: no image data and no image path"):
+        ds[0].load_image()
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -345,6 +385,16 @@ BAD = {
         r"occlusion_relations\[0\]: annotation 9 is not an annotation of image 11"),
     "negative padding": (lambda o: o["images"][0].update(mask_padding=-1),
                          r"image 11: 'mask_padding' must be an integer >= 0"),
+    "bad iscrowd": (lambda o: _ann(o, 8).update(iscrowd="yes"),
+                    r"annotation 8: 'iscrowd' must be 0 or 1, got 'yes'"),
+    "bad occlude_rate": (lambda o: _ann(o, 7).update(occlude_rate=1.5),
+                         r"annotation 7: 'occlude_rate' must be a number in \[0, 1\]"),
+    "id beyond 64 bits": (lambda o: _ann(o, 8).update(id=2 ** 63),
+                          r"annotations\[1\]: 'id' 9223372036854775808 does not fit in 64 bits"),
+    "paddings disagree": (lambda o: _ann(o, 9).update(visible_mask=encode(rect(
+        0, 0, 3, 3, H + 2 * P + 2, W + 2 * P + 2))),
+        r"annotation 9: visible_mask: RLE size \[48, 58\] disagrees with the segmentation "
+        r"of annotation 9 in image 12: it implies mask padding 9, that one 8"),
 }
 
 

@@ -12,6 +12,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from orcnn_core import cli, evaluation
+from orcnn_core.data import parse_dataset
 from orcnn_core.masks import encode
 
 #: COCO's 101 recall thresholds: precision 1 up to recall 0.5, then nothing, gives 51/101.
@@ -367,6 +368,13 @@ def test_mask_padding_is_inferred_from_rle_sizes():
         evaluation.evaluate_loaded(gt, predictions)
 
 
+def test_a_read_data_set_scores_like_its_dict():
+    gt, predictions, _ = random_case(2)
+    dataset = parse_dataset(gt, "gt.json", need_file_names=False)
+    assert evaluation.evaluate_loaded(dataset, predictions) == \
+        evaluation.evaluate_loaded(gt, predictions)
+
+
 # ----------------------------------------------------------------------------------------
 # Command line
 
@@ -405,6 +413,29 @@ def test_cli_writes_metrics_json_and_prints_table(tmp_path):
     assert metrics == json.loads(json.dumps(evaluation.evaluate(gt_path, pred_path)))
 
 
+def test_cli_reads_every_layout_the_data_reader_reads(tmp_path, capsys):
+    """A KINS file (category ids 4 and 2, visible masks as ``i_segm``), auto-detected."""
+    car, person = box(SHAPE, 5, 4, 20, 28), box(SHAPE, 2, 20, 28, 26)
+    car_visible = car & (1 - person)
+    gt = {"images": [{"id": 1, "file_name": "k.png", "width": 40, "height": 40}],
+          "categories": [{"id": 2, "name": "pedestrian"}, {"id": 4, "name": "car"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "a_segm": encode(car),
+                           "i_segm": encode(car_visible)},
+                          {"id": 2, "image_id": 1, "category_id": 2,
+                           "a_segm": encode(person), "i_segm": encode(person)}]}
+    predictions = [pred(1, car, car_visible, 0.9, category=4),
+                   pred(1, person, person, 0.8, category=2)]
+    gt_path, pred_path = write_case(tmp_path, gt, predictions)
+    out = tmp_path / "metrics.json"
+    assert cli.main(["evaluate", "--gt", str(gt_path), "--predictions", str(pred_path),
+                     "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["AP_AV"] == pytest.approx(1.0) and metrics["num_gt"] == 2
+    assert metrics["occluded"]["num_gt"] == 1 and metrics["order"]["relations"] == "masks"
+    assert metrics["order"]["pairs"] == 1 and metrics["order"]["accuracy"] == 1.0
+    assert "| all |" in capsys.readouterr().out
+
+
 def bad_gt(mutate):
     gt, predictions = small_case()
     mutate(gt)
@@ -433,9 +464,9 @@ BAD_INPUTS = {
     "gt not json": (lambda: ('{"images": [', small_case()[1]), "gt.json", "not valid JSON"),
     "pred not json": (lambda: (small_case()[0], "[{]"), "pred.json", "not valid JSON"),
     "gt missing key": (lambda: bad_gt(lambda g: g["annotations"][0].pop("category_id")),
-                       "gt.json: annotation 7", "missing key 'category_id'"),
+                       "gt.json: annotation 7", "key 'category_id' missing"),
     "pred missing key": (lambda: bad_pred(lambda p: p[1].pop("score")),
-                         "pred.json: prediction #1", "missing key 'score'"),
+                         "pred.json: prediction #1", "key 'score' missing"),
     "pred unknown image": (lambda: bad_pred(lambda p: p[1].update(image_id=5)),
                            "pred.json: prediction #1", "image_id 5 is not in"),
     "pred unknown category": (lambda: bad_pred(lambda p: p[0].update(category_id=9)),

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
-from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
+from rclpy.serialization import deserialize_message, serialize_message  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from orcnn_core.occlusion import OcclusionGraph  # noqa: E402
+from orcnn_core.prediction import Prediction  # noqa: E402
+from orcnn_ros.conversions import instance_array_msg  # noqa: E402
+from orcnn_ros.msg import AmodalInstance, AmodalInstanceArray, OcclusionEdge  # noqa: E402
 
 PUBLISHER = Path(__file__).with_name("instance_array_publisher.py")
 
@@ -36,8 +42,10 @@ def make_spec(seed: int) -> dict:
         "stamp": [int(rng.integers(1, 2**31)), int(rng.integers(0, 10**9))],
         "frame_id": "camera_color_optical_frame", "image_width": 320, "image_height": 240,
         "instances": instances,
-        "edges": [{"occluder": 0, "occludee": 2, "overlap_pixels": 17, "overlap_ratio": 0.25},
-                  {"occluder": 3, "occludee": 1, "overlap_pixels": 5, "overlap_ratio": 0.125}],
+        "edges": [{"occluder": 0, "occludee": 2, "overlap_pixels": 17, "overlap_ratio": 0.25,
+                   "confidence": 0.875},
+                  {"occluder": 3, "occludee": 1, "overlap_pixels": 5, "overlap_ratio": 0.125,
+                   "confidence": float(rng.random())}],
         "pick_order": [3, 0, 1, 2], "has_cycle": True, "model_name": "orcnn_demo",
         "inference_ms": float(rng.random() * 100), "latency_ms": float(rng.random() * 100),
     }
@@ -62,7 +70,8 @@ def message_as_spec(msg: AmodalInstanceArray) -> dict:
         "frame_id": msg.header.frame_id, "image_width": msg.image_width,
         "image_height": msg.image_height, "instances": instances,
         "edges": [{"occluder": e.occluder, "occludee": e.occludee,
-                   "overlap_pixels": e.overlap_pixels, "overlap_ratio": e.overlap_ratio}
+                   "overlap_pixels": e.overlap_pixels, "overlap_ratio": e.overlap_ratio,
+                   "confidence": e.confidence}
                   for e in msg.edges],
         "pick_order": list(msg.pick_order), "has_cycle": msg.has_cycle,
         "model_name": msg.model_name, "inference_ms": msg.inference_ms,
@@ -108,3 +117,37 @@ def test_instance_array_round_trip_between_processes(tmp_path, ros_domain_id):
     msg = received[0]
     assert len(msg.instances) == len(spec["instances"])
     assert message_as_spec(msg) == as_float32(spec)
+
+
+def test_confidence_fields_survive_serialisation():
+    """The graph's edge confidences and free probabilities, through a Prediction + graph ->
+    message -> CDR bytes -> message round trip, bit for bit (float32 both sides)."""
+    rois = np.array([[0, 0, 3, 2], [1, 0, 3, 2], [2, 1, 3, 2], [30, 30, 2, 2]], np.int32)
+    crops = [np.ones((2, c), np.uint8) for c in rois[:, 2].tolist()]
+    boxes = np.concatenate([rois[:, :2], rois[:, :2] + rois[:, 2:]], 1).astype(np.float32)
+    prediction = Prediction(boxes=boxes, scores=np.array([0.9, 0.8, 0.7, 0.6], np.float32),
+                            labels=np.array([1, 1, 2, 2]), class_names=["a", "a", "b", "b"],
+                            rois=rois, crops=crops, image_size=(40, 40))
+    confidence = np.array([0.875, 0.5, 1.0, 1 / 3], np.float32)
+    free = np.array([1.0, 0.125, 0.0, 0.7], np.float32)
+    graph = OcclusionGraph(
+        edges=np.array([[0, 1], [0, 2], [1, 2], [3, 2]], np.int64),
+        overlap_pixels=np.array([4, 3, 2, 1], np.int64),
+        overlap_ratio=np.array([0.5, 0.25, 0.125, 0.0625], np.float32),
+        confidence=confidence, layers=np.array([0, 1, 2, 0], np.int64),
+        free_probability=free, pick_order=np.array([0, 3, 1, 2], np.int64),
+        has_cycle=False, dropped_edges=np.zeros((0, 2), np.int64))
+    sent = instance_array_msg(prediction, graph, Header(frame_id="cam"), "m")
+    received = deserialize_message(serialize_message(sent), AmodalInstanceArray)
+    for msg in (sent, received):
+        assert [[e.occluder, e.occludee] for e in msg.edges] == graph.edges.tolist()
+        assert [e.overlap_pixels for e in msg.edges] == [4, 3, 2, 1]
+        assert [e.overlap_ratio for e in msg.edges] == graph.overlap_ratio.tolist()
+        assert [e.confidence for e in msg.edges] == confidence.tolist()
+        assert [i.free_probability for i in msg.instances] == free.tolist()
+        assert [i.layer for i in msg.instances] == [0, 1, 2, 0]
+        assert list(msg.pick_order) == [0, 3, 1, 2]
+    # A message built without the new fields carries their defaults.
+    bare = deserialize_message(serialize_message(AmodalInstanceArray(
+        instances=[AmodalInstance()], edges=[OcclusionEdge()])), AmodalInstanceArray)
+    assert bare.instances[0].free_probability == 0.0 and bare.edges[0].confidence == 0.0

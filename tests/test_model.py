@@ -8,20 +8,10 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from orcnn_core.config import VARIANTS, ModelConfig
 from orcnn_core.errors import InputError
 from orcnn_core.model import build_model, image_mask_targets, project_masks_on_boxes
+from tiny_models import tiny_config, tiny_model
 
 ALL_MASK_LOSSES = {"loss_amodal_mask", "loss_visible_mask", "loss_invisible_mask"}
 BOX_RPN_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
-
-
-def tiny_config(**changes):
-    base = dict(min_size=64, max_size=64, num_classes=3, class_names=["red", "blue"],
-                fpn_channels=32, box_head_dim=64, mask_head_channels=16, mask_roi_size=7,
-                anchor_sizes=(8, 16, 24, 32, 48), rpn_pre_nms_top_n_train=100,
-                rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50,
-                rpn_post_nms_top_n_test=20, rpn_batch_size_per_image=32,
-                box_batch_size_per_image=32, box_detections_per_img=5)
-    base.update(changes)
-    return ModelConfig.small(**base)
 
 
 def sample(pad=8, size=64):
@@ -77,8 +67,7 @@ def test_loss_keys_per_variant(variant):
 
 
 def test_amodal_mrcnn_has_no_visible_head_and_predicts_visible_as_amodal():
-    torch.manual_seed(0)
-    model = build_model(tiny_config(variant="amodal_mrcnn", box_score_thresh=0.0)).eval()
+    model = tiny_model(variant="amodal_mrcnn", box_score_thresh=0.0).eval()
     assert not any("visible" in k for k in model.state_dict())
     with torch.no_grad():
         out = model([sample()[0]])[0]
@@ -131,9 +120,8 @@ def test_orcnn_visible_and_invisible_losses_reach_shared_features():
 # ------------------------------------------------------------------------------ shapes
 @pytest.mark.parametrize("agnostic", [False, True])
 def test_mask_head_shapes_and_inference_outputs(agnostic):
-    cfg = tiny_config(class_agnostic_masks=agnostic, box_score_thresh=0.0)
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    model = tiny_model(class_agnostic_masks=agnostic, box_score_thresh=0.0)
+    cfg = model.config
     channels = 1 if agnostic else cfg.num_classes
     for head in ("amodal", "visible"):
         predictor = getattr(model.roi_heads, f"{head}_mask_predictor")

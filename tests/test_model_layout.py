@@ -2,19 +2,8 @@
 
 import torch
 
-from orcnn_core.config import ModelConfig
 from orcnn_core.model import build_model
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return build_model(ModelConfig.small(
-        min_size=64, max_size=64, num_classes=3, class_names=["red", "blue"],
-        fpn_channels=32, box_head_dim=64, mask_head_channels=16, mask_roi_size=7,
-        anchor_sizes=(8, 16, 24, 32, 48), rpn_pre_nms_top_n_train=100,
-        rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20,
-        rpn_batch_size_per_image=32, box_batch_size_per_image=32, box_detections_per_img=5,
-        box_score_thresh=0.0))
+from tiny_models import tiny_model
 
 
 def image():
@@ -33,7 +22,7 @@ def conv_weights(model):
 
 
 def test_eval_switches_conv_weights_to_channels_last_and_train_back():
-    model = tiny_model()
+    model = tiny_model(box_score_thresh=0.0)
     weights = conv_weights(model)
     assert weights and all(p.is_contiguous() for p in weights)
     assert model.eval() is model
@@ -46,7 +35,7 @@ def test_eval_switches_conv_weights_to_channels_last_and_train_back():
 
 
 def test_channels_last_outputs_equal_contiguous_outputs():
-    model = tiny_model().eval()
+    model = tiny_model(box_score_thresh=0.0).eval()
     with torch.inference_mode():
         fast = model([image()])[0]
     # The same model in eval mode with torchvision's contiguous layout as the reference.
@@ -61,7 +50,7 @@ def test_channels_last_outputs_equal_contiguous_outputs():
 
 
 def test_eval_under_inference_mode_leaves_the_model_trainable():
-    model = tiny_model()
+    model = tiny_model(box_score_thresh=0.0)
     with torch.inference_mode():
         model.eval()
         model([image()])
@@ -73,7 +62,7 @@ def test_eval_under_inference_mode_leaves_the_model_trainable():
 
 
 def test_state_dict_of_eval_model_loads_into_training_model():
-    source = tiny_model().eval()
+    source = tiny_model(box_score_thresh=0.0).eval()
     model = build_model(source.config)
     model.load_state_dict(source.state_dict())
     model.eval()

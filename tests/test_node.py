@@ -10,91 +10,32 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
+pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from lifecycle_msgs.msg import State, Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from rcl_interfaces.msg import Log  # noqa: E402
 from rclpy.event_handler import PublisherEventCallbacks  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
-from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from orcnn_core.synth import SynthConfig, generate_samples  # noqa: E402
 from orcnn_ros.conversions import array_to_image_msg  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
-from orcnn_ros.perception_node import PerceptionNode, bundled_model_candidates  # noqa: E402
-from orcnn_ros.sim_camera import SimCamera  # noqa: E402
+from orcnn_ros.perception_node import bundled_model_candidates  # noqa: E402
+from node_harness import (BEST_EFFORT, RELIABLE, Collector, Harness, idle,  # noqa: E402
+                          stamp_ns)
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 160, 120
-RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 SCENES = [s.image for s in generate_samples(3, 11, SynthConfig(width=WIDTH, height=HEIGHT))]
-
-
-class Harness:
-    """A client node spun by the test thread, talking to nodes spun by a background
-    executor of the same context."""
-
-    def __init__(self, context):
-        self.context = context
-        self.node = rclpy.create_node("test_client", context=context)
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(self.node)
-        self.background = SingleThreadedExecutor(context=context)
-        self.thread = threading.Thread(target=self.background.spin, daemon=True)
-        self.thread.start()
-        self.stamp = 1000
-        self.logs = []
-        self.node.create_subscription(Log, "/rosout", self.logs.append,
-                                      QoSProfile(depth=1000,
-                                                 reliability=ReliabilityPolicy.RELIABLE))
-
-    def spin_until(self, predicate, timeout=30.0, what="condition"):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            self.executor.spin_once(timeout_sec=0.05)
-
-    def spin_for(self, seconds):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.executor.spin_once(timeout_sec=0.05)
-
-    def next_stamp(self):
-        self.stamp += 1
-        return self.stamp
-
-    def call(self, future, timeout=30.0, what="service call"):
-        self.spin_until(future.done, timeout, what)
-        return future.result()
-
-    def log_lines(self, logger_name, level=None):
-        return [m.msg for m in self.logs if m.name == logger_name
-                and (level is None or m.level == level)]
-
-
-class Collector:
-    """Messages of one topic, by header stamp seconds."""
-
-    def __init__(self, harness, msg_type, topic, qos=RELIABLE):
-        self.messages = []
-        self.subscription = harness.node.create_subscription(
-            msg_type, topic, self.messages.append, qos)
-
-    def by_stamp(self, sec):
-        return [m for m in self.messages if m.header.stamp.sec == sec]
 
 
 @pytest.fixture(scope="module")
@@ -104,38 +45,20 @@ def model_path(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def harness(ros_domain_id):
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    h = Harness(context)
-    yield h
-    h.background.shutdown()
-    h.executor.shutdown()
-    h.node.destroy_node()
-    rclpy.shutdown(context=context)
-
-
-def start_node(harness, model_path, namespace="", **params):
-    values = dict(model_path=str(model_path), device="cpu", score_threshold=0.0,
-                  max_instances=20)
-    values.update(params)
-    node = PerceptionNode(context=harness.context, namespace=namespace,
-                          parameter_overrides=[Parameter(k, value=v)
-                                               for k, v in values.items()])
-    harness.background.add_node(node)
-    return node
+    with Harness("test_client") as h:
+        yield h
 
 
 @pytest.fixture(scope="module")
 def perception(harness, model_path):
     """The node under test: raw images on /image, default QoS (best effort)."""
-    node = start_node(harness, model_path)
+    node = harness.start_node(model_path)
     pub = harness.node.create_publisher(Image, "/image", RELIABLE)
     out = Collector(harness, AmodalInstanceArray, "/amodal_instances")
     harness.spin_until(lambda: pub.get_subscription_count() > 0
                        and node._out_pub.get_subscription_count() > 0, 30, "discovery")
     yield node, pub, out
-    harness.background.remove_node(node)
-    node.destroy_node()
+    harness.destroy(node)
 
 
 def send(harness, pub, msg, out, expect=True, timeout=60.0):
@@ -449,28 +372,15 @@ def test_latest_frame_only_under_a_fast_camera(harness, perception):
     dropped and counted, and the output stays at most about one inference behind."""
     node, pub, out = perception
     before = node.stats.snapshot()
-    camera = SimCamera(context=harness.context, namespace="",
-                       parameter_overrides=[Parameter("rate", value=30.0),
-                                            Parameter("width", value=WIDTH),
-                                            Parameter("height", value=HEIGHT),
-                                            Parameter("num_scenes", value=3),
-                                            Parameter("num_frames", value=60)])
     start = len(out.messages)
-    harness.background.add_node(camera)
-
-    def idle():
-        s = node.stats.snapshot()
-        return node._pending is None and s["received"] == (
-            s["processed"] + s["dropped"] + s["malformed"] + s["failed"])
-
+    camera = harness.start_sim_camera(WIDTH, HEIGHT, frames=60)
     try:
         harness.spin_until(lambda: camera.done, 30, "the camera's 60 frames")
         # Every received frame ends up answered or counted as dropped.
-        harness.spin_until(idle, 30, "the node to finish the last frame")
+        harness.spin_until(lambda: idle(node), 30, "the node to finish the last frame")
         harness.spin_for(0.5)  # the last answer's delivery
     finally:
-        harness.background.remove_node(camera)
-        camera.destroy_node()
+        harness.destroy(camera)
     answers = [m for m in out.messages[start:] if m.header.frame_id == "sim_camera_optical_frame"]
     after = node.stats.snapshot()
     received = after["received"] - before["received"]
@@ -483,7 +393,7 @@ def test_latest_frame_only_under_a_fast_camera(harness, perception):
         assert dropped > 0 and processed < received  # slower than the camera: it skips
     # Answers come in camera order. A frame waits at most for the inference running when
     # it arrived (that of the previous answer), then its own: no queue builds up.
-    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in answers]
+    stamps = [stamp_ns(m) for m in answers]
     assert stamps == sorted(stamps)
     for previous, m in zip([None] + answers[:-1], answers):
         waited = previous.inference_ms if previous is not None else 0.0
@@ -544,7 +454,7 @@ def test_configure_fails_clearly_for_a_missing_or_bad_model(harness, tmp_path, m
     diagnostics = Collector(harness, DiagnosticArray, "/diagnostics", 10)
     for namespace, path, words in (("bad1", missing, "does not exist"),
                                    ("bad2", bad, "not a safetensors file")):
-        node = start_node(harness, path, namespace=namespace)
+        node = harness.start_node(path, namespace=namespace)
         try:
             assert node.lifecycle_state() == "unconfigured"
             assert node._predictor is None
@@ -559,22 +469,20 @@ def test_configure_fails_clearly_for_a_missing_or_bad_model(harness, tmp_path, m
 
             harness.spin_until(errors, 10, "an ERROR diagnostic")
         finally:
-            harness.background.remove_node(node)
-            node.destroy_node()
-    manual = start_node(harness, model_path, namespace="manual", autostart=False)
+            harness.destroy(node)
+    manual = harness.start_node(model_path, namespace="manual", autostart=False)
     try:
         assert manual.lifecycle_state() == "unconfigured" and manual._predictor is None
     finally:
-        harness.background.remove_node(manual)
-        manual.destroy_node()
+        harness.destroy(manual)
     harness.node.destroy_subscription(diagnostics.subscription)
 
 
 def test_compressed_input_and_incompatible_qos(harness, perception, model_path):
     """A second node in namespace cam2: CompressedImage input, reliable QoS."""
     raw_node, raw_pub, raw_out = perception
-    node = start_node(harness, model_path, namespace="cam2", use_compressed=True,
-                      qos_reliability="reliable")
+    node = harness.start_node(model_path, namespace="cam2", use_compressed=True,
+                              qos_reliability="reliable")
     try:
         out = Collector(harness, AmodalInstanceArray, "/cam2/amodal_instances")
         pub = harness.node.create_publisher(CompressedImage, "/cam2/image/compressed",
@@ -600,10 +508,9 @@ def test_compressed_input_and_incompatible_qos(harness, perception, model_path):
         # A best-effort publisher cannot serve a reliable subscription: logged once, with
         # the parameter to change.
         logger = "cam2.orcnn_perception"
-        best_effort = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
         quiet = PublisherEventCallbacks(incompatible_qos=lambda event: None)
         publishers = [harness.node.create_publisher(CompressedImage, "/cam2/image/compressed",
-                                                    best_effort, event_callbacks=quiet)
+                                                    BEST_EFFORT, event_callbacks=quiet)
                       for _ in range(2)]
         harness.spin_until(lambda: any("incompatible QoS" in m
                                        for m in harness.log_lines(logger)), 20,
@@ -615,8 +522,7 @@ def test_compressed_input_and_incompatible_qos(harness, perception, model_path):
         for p in publishers + [pub]:
             harness.node.destroy_publisher(p)
     finally:
-        harness.background.remove_node(node)
-        node.destroy_node()
+        harness.destroy(node)
 
 
 def test_launch_file_arguments():

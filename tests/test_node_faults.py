@@ -21,57 +21,20 @@ import pytest
 rclpy = pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState  # noqa: E402
-from rcl_interfaces.msg import Log  # noqa: E402
 from rclpy.event_handler import (PublisherEventCallbacks,  # noqa: E402
                                  SubscriptionEventCallbacks)
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from orcnn_ros.conversions import array_to_image_msg  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
-from orcnn_ros.perception_node import PerceptionNode  # noqa: E402
 from orcnn_ros.sim_camera import render_frames  # noqa: E402
+from node_harness import (BEST_EFFORT, RELIABLE, Collector, Harness, accounted,  # noqa: E402
+                          idle, stamp_ns)
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 160, 120
 SCENES = render_frames(3, WIDTH, HEIGHT, seed=11)
-RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-BEST_EFFORT = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
-
-
-class Harness:
-    """A client node spun by the test thread; the nodes under test spin on a background
-    executor of the same context."""
-
-    def __init__(self, context):
-        self.context = context
-        self.node = rclpy.create_node("fault_client", context=context)
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(self.node)
-        self.background = SingleThreadedExecutor(context=context)
-        self.thread = threading.Thread(target=self.background.spin, daemon=True)
-        self.thread.start()
-        self.logs = []
-        self.node.create_subscription(Log, "/rosout", self.logs.append,
-                                      QoSProfile(depth=1000,
-                                                 reliability=ReliabilityPolicy.RELIABLE))
-
-    def spin_until(self, predicate, timeout=30.0, what="condition"):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            self.executor.spin_once(timeout_sec=0.05)
-
-    def spin_for(self, seconds):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.executor.spin_once(timeout_sec=0.05)
-
-    def log_lines(self, logger_name):
-        return [m.msg for m in self.logs if m.name == logger_name]
 
 
 class Camera:
@@ -114,61 +77,18 @@ class Camera:
         rclpy.try_shutdown(context=self.context)
 
 
-class Answers:
-    """AmodalInstanceArray messages of one topic as (image stamp ns, time the node
-    published it ns), in arrival order."""
-
-    def __init__(self, harness, topic, qos=RELIABLE):
-        self.records = []
-        self.subscription = harness.node.create_subscription(
-            AmodalInstanceArray, topic, self._on_message, qos)
-
-    def _on_message(self, msg, info):
-        stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
-        self.records.append((stamp, info["source_timestamp"]))
-
-    def stamped_after(self, t_ns):
-        return [r for r in self.records if r[0] > t_ns]
-
-    def published_after(self, t_ns):
-        return [r for r in self.records if r[1] > t_ns]
-
-
-def accounted(snapshot):
-    return (snapshot["processed"] + snapshot["dropped"] + snapshot["malformed"]
-            + snapshot["failed"])
-
-
 @pytest.fixture(scope="module")
 def harness(ros_domain_id):
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    h = Harness(context)
-    yield h
-    h.background.shutdown()
-    h.executor.shutdown()
-    h.node.destroy_node()
-    rclpy.shutdown(context=context)
-
-
-def start_node(harness, model_path, namespace, **params):
-    values = dict(model_path=str(model_path), device="cpu", score_threshold=0.0,
-                  max_instances=20)
-    values.update(params)
-    node = PerceptionNode(context=harness.context, namespace=namespace,
-                          parameter_overrides=[Parameter(k, value=v)
-                                               for k, v in values.items()])
-    harness.background.add_node(node)
-    return node
+    with Harness("fault_client") as h:
+        yield h
 
 
 @pytest.fixture(scope="module")
 def node(harness, tiny_model_path):
     """The node under test in namespace /faults, default parameters (best-effort input)."""
-    node = start_node(harness, tiny_model_path, "faults")
+    node = harness.start_node(tiny_model_path, "faults")
     yield node
-    harness.background.remove_node(node)
-    node.destroy_node()
+    harness.destroy(node)
 
 
 def run_node_program(namespace, model_path, log_path):
@@ -195,9 +115,7 @@ def node_program(tmp_path_factory, tiny_model_path, ros_domain_id):
 
 def wait_idle(harness, node, what):
     """Until every frame the node received is accounted for."""
-    harness.spin_until(lambda: node._pending is None
-                       and node.stats.snapshot()["received"] == accounted(
-                           node.stats.snapshot()), 30, what)
+    harness.spin_until(lambda: idle(node), 30, what)
 
 
 # ---------------------------------------------------------------------------------- tests
@@ -210,7 +128,7 @@ def test_deactivate_activate_cycles_under_a_streaming_camera(harness, node):
         harness.spin_until(future.done, 30, f"transition {tid}")
         return future.result().success
 
-    answers = Answers(harness, "/faults/amodal_instances")
+    answers = Collector(harness, AmodalInstanceArray, "/faults/amodal_instances")
     camera = Camera("/faults/image").start()
     cycles = []  # (deactivate returned, activate asked) in ns
     try:
@@ -237,12 +155,12 @@ def test_deactivate_activate_cycles_under_a_streaming_camera(harness, node):
     wait_idle(harness, node, "the node to finish its last frame")
     harness.spin_for(0.3)
 
-    stamps = [r[0] for r in answers.records]
+    stamps = answers.stamps()
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
     assert set(stamps) <= set(camera.sent)
     for deactivated, activated in cycles:
         # Published after the deactivate returned: only frames sent after the activate.
-        late = [r for r in answers.published_after(deactivated) if r[0] < activated]
+        late = [m for m in answers.published_after(deactivated) if stamp_ns(m) < activated]
         assert not late, f"{len(late)} answers to frames of before the re-activate"
     # Every frame the node received is answered or counted, including those it held at
     # each deactivate.
@@ -252,10 +170,10 @@ def test_deactivate_activate_cycles_under_a_streaming_camera(harness, node):
 
 
 def test_camera_going_away_and_coming_back(harness, node):
-    answers = Answers(harness, "/faults/amodal_instances")
+    answers = Collector(harness, AmodalInstanceArray, "/faults/amodal_instances")
     first = Camera("/faults/image").start()
     try:
-        harness.spin_until(lambda: answers.records, 30, "an answer to the first camera")
+        harness.spin_until(lambda: answers.messages, 30, "an answer to the first camera")
     finally:
         first.close()
     harness.spin_until(lambda: node._subscription.get_publisher_count() == 0, 20,
@@ -271,7 +189,7 @@ def test_camera_going_away_and_coming_back(harness, node):
                            if second.sent else False, 30, "an answer to the new camera")
     finally:
         second.close()
-    assert set(r[0] for r in answers.records) <= set(first.sent) | set(second.sent)
+    assert set(answers.stamps()) <= set(first.sent) | set(second.sent)
     wait_idle(harness, node, "the node to finish its last frame")
     snapshot = node.stats.snapshot()
     assert snapshot["received"] == accounted(snapshot) and snapshot["failed"] == 0
@@ -282,12 +200,12 @@ def test_incompatible_qos_peers_are_logged_and_the_node_keeps_answering(
     """Output: a TRANSIENT_LOCAL subscriber cannot match the volatile output. Input: a
     best-effort camera cannot serve the node's reliable subscription. Both are logged; a
     compatible subscriber and camera go on as if nothing happened."""
-    node = start_node(harness, tiny_model_path, "qos", qos_reliability="reliable")
+    node = harness.start_node(tiny_model_path, "qos", qos_reliability="reliable")
     quiet_sub = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
     quiet_pub = PublisherEventCallbacks(incompatible_qos=lambda event: None)
     latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    answers = Answers(harness, "/qos/amodal_instances")
+    answers = Collector(harness, AmodalInstanceArray, "/qos/amodal_instances")
     latched_messages = []
     latched_sub = harness.node.create_subscription(
         AmodalInstanceArray, "/qos/amodal_instances", latched_messages.append, latched,
@@ -319,12 +237,11 @@ def test_incompatible_qos_peers_are_logged_and_the_node_keeps_answering(
                                f"the answer to compatible frame {k}")
         after = node.stats.snapshot()
     finally:
-        harness.background.remove_node(node)
-        node.destroy_node()
+        harness.destroy(node)
         harness.node.destroy_subscription(latched_sub)
         harness.node.destroy_publisher(best_effort)
         harness.node.destroy_publisher(reliable)
-    assert [r[0] for r in answers.records] == good
+    assert answers.stamps() == good
     assert after["received"] - before["received"] == len(good)  # none from the other
     assert not latched_messages
 
@@ -365,9 +282,9 @@ def test_sigterm_ends_the_node_program_cleanly_within_a_second(harness, tmp_path
             assert seconds < 3.0, f"exit took {seconds:.2f} s after {signum!r} at start-up"
             assert "Traceback" not in output, output
 
-        answers = Answers(harness, "/term_run/amodal_instances")
+        answers = Collector(harness, AmodalInstanceArray, "/term_run/amodal_instances")
         camera = Camera("/term_run/image").start()
-        harness.spin_until(lambda: len(answers.records) >= 3 or running.poll() is not None,
+        harness.spin_until(lambda: len(answers.messages) >= 3 or running.poll() is not None,
                            120, "the program to answer")
         assert running.poll() is None, run_log.read_text()
         status, seconds = stop(running)

@@ -6,27 +6,18 @@ checked directly: what the camera sent, every answer, the nodes' /diagnostics co
 sampled four times a second, and the nodes' RSS.
 """
 
-import importlib.util
-from pathlib import Path
+import importlib
 
 import pytest
 
 pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
 
-ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 300
-
-
-def load_soak_script():
-    spec = importlib.util.spec_from_file_location("soak_script", ROOT / "scripts" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def soak():
-    return load_soak_script()
+    return importlib.import_module("orcnn_ros.soak")
 
 
 def test_node_survives_a_glitchy_camera(soak, tmp_path, tiny_model_path):

@@ -7,27 +7,22 @@ freshness policy itself is checked through which frames get answered, not throug
 """
 
 import statistics
-import threading
-import time
 
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")
 from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from orcnn_core.synth import SynthConfig, generate_samples  # noqa: E402
 from orcnn_ros.conversions import array_to_image_msg  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
-from orcnn_ros.perception_node import (STALE_FRACTION, PerceptionNode,  # noqa: E402
-                                       fresh_frame_wait)
-from orcnn_ros.sim_camera import SimCamera  # noqa: E402
+from orcnn_ros.perception_node import STALE_FRACTION, fresh_frame_wait  # noqa: E402
+from node_harness import RELIABLE, Collector, Harness, idle, in_node, stamp_ns  # noqa: E402
+from tiny_models import NODE_MODEL, save_tiny_model  # noqa: E402
 
 WIDTH, HEIGHT = 320, 240
-RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def test_fresh_frame_wait_rule():
@@ -45,98 +40,44 @@ def test_fresh_frame_wait_rule():
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    """An untrained model at 320 x 240: slow enough (tens of ms even on a fast CPU) that a
-    frame sent during its inference is stale when the inference ends."""
-    import torch
-
-    from orcnn_core.config import ModelConfig
-    from orcnn_core.model import build_model
-    from orcnn_core.weights import save_weights
-
-    torch.manual_seed(0)
-    cfg = ModelConfig.small(
-        num_classes=3, class_names=["box", "can"], min_size=240, max_size=320,
-        fpn_channels=32, box_head_dim=64, mask_head_channels=32, rpn_pre_nms_top_n_test=50,
-        rpn_post_nms_top_n_test=20, box_detections_per_img=20, box_score_thresh=0.0)
-    path = tmp_path_factory.mktemp("model") / "timing.safetensors"
-    save_weights(build_model(cfg), cfg, path)
-    return path
+    """The node tests' untrained model at 320 x 240: slow enough (tens of ms even on a fast
+    CPU) that a frame sent during its inference is stale when the inference ends."""
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "timing.safetensors",
+                           **dict(NODE_MODEL, min_size=HEIGHT, max_size=WIDTH))
 
 
-class Client:
-    """The test's node (spun by the test thread) and a background executor for the
-    perception node and the camera, all in one context."""
+class Client(Harness):
+    """The shared harness (polling every 5 ms) with the test's publisher of frames on
+    /image, the answers on /amodal_instances and the perception node under test."""
 
-    def __init__(self, context):
-        self.node = rclpy.create_node("timing_client", context=context)
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(self.node)
-        self.background = SingleThreadedExecutor(context=context)
-        self.thread = threading.Thread(target=self.background.spin, daemon=True)
-        self.thread.start()
-        self.answers = []  # (message, arrival time in ns)
-        self.node.create_subscription(
-            AmodalInstanceArray, "/amodal_instances",
-            lambda m: self.answers.append((m, time.time_ns())), RELIABLE)
+    def __init__(self):
+        super().__init__("timing_client", poll=0.005, rosout=False, first_stamp=100_000)
+        self.answers = Collector(self, AmodalInstanceArray, "/amodal_instances")
         self.pub = self.node.create_publisher(Image, "/image", RELIABLE)
-        self.sent = 0
-
-    def spin_until(self, predicate, timeout, what):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            self.executor.spin_once(timeout_sec=0.005)
-
-    def spin_for(self, seconds):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.executor.spin_once(timeout_sec=0.005)
 
     def publish(self, image) -> int:
         """Publish a frame stamped with a fresh second count; returns that count."""
-        self.sent += 1
+        sec = self.next_stamp()
         msg = array_to_image_msg(image, "rgb8")
-        msg.header.stamp.sec, msg.header.stamp.nanosec = 100_000 + self.sent, 0
+        msg.header.stamp.sec, msg.header.stamp.nanosec = sec, 0
         msg.header.frame_id = "timing_test"
         self.pub.publish(msg)
-        return 100_000 + self.sent
+        return sec
 
     def answered(self, sec):
-        return [m for m, _ in self.answers if m.header.stamp.sec == sec]
+        return self.answers.by_stamp(sec)
 
 
 @pytest.fixture(scope="module")
 def client(ros_domain_id, model_path):
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    c = Client(context)
-    # Reliable input: a frame is never lost in transport, so which frames are answered
-    # depends on the node alone.
-    c.perception = PerceptionNode(context=context, parameter_overrides=[
-        Parameter("model_path", value=str(model_path)), Parameter("device", value="cpu"),
-        Parameter("score_threshold", value=0.0), Parameter("max_instances", value=20),
-        Parameter("qos_reliability", value="reliable"), Parameter("qos_depth", value=1)])
-    c.background.add_node(c.perception)
-    c.spin_until(lambda: c.pub.get_subscription_count() > 0
-                 and c.node.count_publishers("/amodal_instances") > 0, 30, "discovery")
-    yield c
-    c.background.remove_node(c.perception)
-    c.perception.destroy_node()
-    c.background.shutdown()
-    c.executor.shutdown()
-    c.node.destroy_node()
-    rclpy.shutdown(context=context)
-
-
-def in_node(node) -> int:
-    """Frames received and not yet answered or counted otherwise (waiting or in inference)."""
-    s = node.stats.snapshot()
-    return s["received"] - (s["processed"] + s["dropped"] + s["malformed"] + s["failed"])
-
-
-def idle(node):
-    return node._pending is None and in_node(node) == 0
+    with Client() as c:
+        # Reliable input: a frame is never lost in transport, so which frames are answered
+        # depends on the node alone.
+        c.perception = c.start_node(model_path, qos_reliability="reliable", qos_depth=1)
+        c.spin_until(lambda: c.pub.get_subscription_count() > 0
+                     and c.node.count_publishers("/amodal_instances") > 0, 30, "discovery")
+        yield c
+        c.destroy(c.perception)
 
 
 def set_fresh_frame_wait(node, value, expect=True):
@@ -210,27 +151,23 @@ def test_fast_camera_answers_stay_fresh_and_in_order(client):
     received frame counted, and the camera's last frame answered after it stops."""
     node = client.perception
     before = node.stats.snapshot()
-    start = len(client.answers)
+    start = len(client.answers.messages)
     sent = []
-    client.node.create_subscription(Image, "/image", lambda m: sent.append(
-        m.header.stamp.sec * 10**9 + m.header.stamp.nanosec), RELIABLE)
-    camera = SimCamera(context=client.node.context, parameter_overrides=[
-        Parameter("rate", value=30.0), Parameter("width", value=WIDTH),
-        Parameter("height", value=HEIGHT), Parameter("num_scenes", value=3),
-        Parameter("num_frames", value=75)])
-    client.background.add_node(camera)
+    client.node.create_subscription(Image, "/image", lambda m: sent.append(stamp_ns(m)),
+                                    RELIABLE)
+    camera = client.start_sim_camera(WIDTH, HEIGHT, frames=75)
     try:
         client.spin_until(lambda: camera.done, 60, "the camera's 75 frames")
         client.spin_until(lambda: idle(node), 60, "the node to finish the last frame")
         client.spin_for(0.5)  # reliable: the camera's last frame reaches both nodes
         last = max(sent)
-        client.spin_until(lambda: any(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec
-                                      == last for m, _ in client.answers[start:]),
+        client.spin_until(lambda: any(stamp_ns(m) == last
+                                      for m in client.answers.messages[start:]),
                           10, "the answer to the camera's last frame")
     finally:
-        client.background.remove_node(camera)
-        camera.destroy_node()
-    answers = [(m, t) for m, t in client.answers[start:]
+        client.destroy(camera)
+    answers = [(m, t) for m, t in zip(client.answers.messages[start:],
+                                      client.answers.arrived[start:])
                if m.header.frame_id == "sim_camera_optical_frame"]
     after = node.stats.snapshot()
     received = after["received"] - before["received"]
@@ -239,7 +176,7 @@ def test_fast_camera_answers_stay_fresh_and_in_order(client):
     assert 10 <= received <= camera.sent == 75
     assert len(answers) == processed > 0
     assert received == processed + after["dropped"] - before["dropped"]
-    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m, _ in answers]
+    stamps = [stamp_ns(m) for m, _ in answers]
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
     interval_ms = 1000.0 / 30
     previous = 0.0
@@ -248,7 +185,7 @@ def test_fast_camera_answers_stay_fresh_and_in_order(client):
         # at most one camera interval (fresh_frame_wait 1.0) when no newer frame came.
         assert m.latency_ms <= m.inference_ms + previous + interval_ms + 500, \
             (m.latency_ms, m.inference_ms, previous)
-        age_ms = (arrived - (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec)) / 1e6
+        age_ms = (arrived - stamp_ns(m)) / 1e6
         assert m.latency_ms <= age_ms <= m.latency_ms + 500, (age_ms, m.latency_ms)
         previous = m.inference_ms
     ages = [(t - s) / 1e6 for (_, t), s in zip(answers, stamps)]

@@ -67,7 +67,7 @@ def test_one_object_on_another():
     assert graph.pick_order.tolist() == [1, 0]
     assert not graph.has_cycle
     assert graph.dropped_edges.shape == (0, 2)
-    assert graph.occluders_of(0).tolist() == [1]
+    assert graph.edges[graph.edges[:, 1] == 0, 0].tolist() == [1]
     for array, dtype in ((graph.edges, np.int64), (graph.overlap_pixels, np.int64),
                          (graph.layers, np.int64), (graph.pick_order, np.int64),
                          (graph.dropped_edges, np.int64)):

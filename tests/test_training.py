@@ -1,4 +1,5 @@
-"""Training loop: checkpoints, exact resume, kills, signals, DDP, NaN, bad configs."""
+"""Training loop: checkpoints, exact resume, signals, DDP, NaN, bad configs (SIGKILL at
+random moments: test_training_faults.py)."""
 
 import json
 import os
@@ -10,53 +11,27 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from orcnn_core.train_config import load_train_config
 from orcnn_core.training import CHECKPOINT, FINAL_WEIGHTS, load_checkpoint, lr_factor, train
 from orcnn_core.weights import build_from_file
+from helpers import logged_losses
+from tiny_models import train_config, write_train_config
 
-TINY = {
-    "model": {
-        "backbone": "resnet18_fpn", "backbone_norm": "bn", "trainable_backbone_layers": 5,
-        "min_size": 96, "max_size": 128, "fpn_channels": 16, "box_head_dim": 32,
-        "mask_head_channels": 16, "anchor_sizes": [16, 32, 64, 128, 256],
-        "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
-        "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
-        "box_batch_size_per_image": 32, "box_detections_per_img": 10,
-    },
-    "data": {
-        "synth_train": {"num_images": 12, "seed": 0, "width": 128, "height": 96,
-                        "num_classes": 2},
-        "synth_val": {"num_images": 2, "seed": 1000, "width": 128, "height": 96,
-                      "num_classes": 2},
-    },
-    "solver": {"iterations": 3, "images_per_batch": 2, "lr": 0.005, "steps": [2],
-               "warmup_iters": 1},
-    "checkpoint_period": 1, "eval_period": 0, "log_period": 1, "device": "cpu",
-}
+TINY = train_config(
+    backbone="resnet18_fpn", trainable_backbone_layers=5, anchor_sizes=[16, 32, 64, 128, 256],
+    width=128, height=96, train_images=12, val_images=2, iterations=3, steps=[2],
+    warmup_iters=1)
 
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY), encoding="utf-8")
-    return path
+    return write_train_config(tmp_path / "tiny.yaml", TINY)
 
 
 def run_cli(*args, timeout=300, **kwargs):
     return subprocess.run(["orcnn-core", *args], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
-
-
-def logged_losses(out_dir) -> dict:
-    """iteration -> total loss, from the run's log.jsonl."""
-    losses = {}
-    for line in (out_dir / "log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "losses" in record:
-            losses[record["iteration"]] = record["losses"]["total"]
-    return losses
 
 
 def test_three_iterations_write_a_checkpoint_and_weights(tiny_config, tmp_path):
@@ -97,45 +72,6 @@ def test_learning_rate_schedule_warms_up_then_steps():
     assert lr_factor(cfg.warmup_iters, cfg) == 1.0
     assert lr_factor(cfg.steps[0], cfg) == pytest.approx(cfg.gamma)
     assert lr_factor(cfg.steps[1], cfg) == pytest.approx(cfg.gamma ** 2)
-
-
-def _wait_for_checkpoint(proc, path, min_iteration, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return None
-        if path.is_file():
-            try:
-                if load_checkpoint(path)["iteration"] >= min_iteration:
-                    return True
-            except Exception:
-                pass
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint at iteration {min_iteration} within {timeout} s")
-
-
-def test_sigkill_mid_run_resumes_and_never_truncates_the_checkpoint(tiny_config, tmp_path):
-    out = tmp_path / "run"
-    args = ["train", "--config", str(tiny_config), "--output-dir", str(out), "--no-progress",
-            "--set", "solver.iterations=8"]
-    kills = 0
-    for attempt in range(6):
-        proc = subprocess.Popen(["orcnn-core", *args] + (["--resume"] if attempt else []),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if kills < 2 and _wait_for_checkpoint(proc, out / CHECKPOINT, 2 * kills + 2):
-            proc.kill()
-            proc.wait()
-            kills += 1
-            # Whatever moment the kill hit, the checkpoint on disk is whole.
-            assert load_checkpoint(out / CHECKPOINT)["iteration"] >= 2 * kills
-            continue
-        output = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, output
-        break
-    assert kills == 2
-    assert load_checkpoint(out / CHECKPOINT)["iteration"] == 8
-    assert (out / FINAL_WEIGHTS).is_file()
-    assert not list(out.glob(".*.tmp"))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config, tmp_path):

@@ -1,6 +1,7 @@
-"""Training under faults: SIGKILL at random moments (resume must always work and end with
-the weights of an uninterrupted run), a full disk (a real EFBIG from the kernel's file size
-limit, no mocks), and checkpoints that must not be loaded (pickled code, foreign files)."""
+"""Training under faults: SIGKILL at random moments (the checkpoint on disk must always be
+whole, resume must always work and end with the weights of an uninterrupted run), a full
+disk (a real EFBIG from the kernel's file size limit, no mocks), and checkpoints that must
+not be loaded (pickled code, foreign files)."""
 
 import hashlib
 import json
@@ -16,44 +17,28 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from orcnn_core.cli import main
 from orcnn_core.errors import InputError
 from orcnn_core.train_config import load_train_config
 from orcnn_core.training import CHECKPOINT, FINAL_WEIGHTS, load_checkpoint, train
 from orcnn_core.weights import load_weights
+from helpers import CreatesFile, logged_losses
+from tiny_models import train_config, write_train_config
 
 # The smallest model the trainer accepts in reasonable shape: MobileNetV3-FPN on 64 x 48
 # scenes (a 25 MB checkpoint, well under a second per iteration on one core).
-FAST = {
-    "model": {
-        "backbone": "mobilenet_v3_fpn", "backbone_norm": "bn", "trainable_backbone_layers": 6,
-        "min_size": 48, "max_size": 64, "fpn_channels": 16, "box_head_dim": 32,
-        "mask_head_channels": 16, "anchor_sizes": [16, 32, 64],
-        "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
-        "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
-        "box_batch_size_per_image": 32, "box_detections_per_img": 10,
-    },
-    "data": {
-        "synth_train": {"num_images": 8, "seed": 0, "width": 64, "height": 48,
-                        "num_classes": 2},
-        "synth_val": {"num_images": 1, "seed": 1000, "width": 64, "height": 48,
-                      "num_classes": 2},
-    },
-    "solver": {"iterations": 8, "images_per_batch": 2, "lr": 0.005, "steps": [5],
-               "warmup_iters": 2},
-    "checkpoint_period": 1, "eval_period": 0, "log_period": 1, "device": "cpu",
-}
+FAST = train_config(
+    backbone="mobilenet_v3_fpn", trainable_backbone_layers=6, anchor_sizes=[16, 32, 64],
+    width=64, height=48, train_images=8, val_images=1, iterations=8, steps=[5],
+    warmup_iters=2)
 ITERATIONS = FAST["solver"]["iterations"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture
 def fast_config(tmp_path):
-    path = tmp_path / "fast.yaml"
-    path.write_text(yaml.safe_dump(FAST), encoding="utf-8")
-    return path
+    return write_train_config(tmp_path / "fast.yaml", FAST)
 
 
 def start_training(config, out, resume, extra=(), **kwargs):
@@ -65,17 +50,6 @@ def start_training(config, out, resume, extra=(), **kwargs):
 
 def temp_files(out):
     return sorted(p.name for p in out.glob(".*.tmp"))
-
-
-def logged(out) -> dict:
-    """iteration -> total loss; fails on duplicate iterations and partial lines."""
-    losses = {}
-    for line in (out / "log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "losses" in record:
-            assert record["iteration"] not in losses, f"iteration {record['iteration']} twice"
-            losses[record["iteration"]] = record["losses"]["total"]
-    return losses
 
 
 def wait_for(condition, proc, timeout=120, poll=0.002):
@@ -99,6 +73,10 @@ def checkpoint_iteration(out):
 
 def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_weights(
         fast_config, tmp_path, capsys):
+    """``orcnn-core train`` killed three times (and resumed with --resume): whatever the
+    kill hit, the checkpoint on disk is whole and never set back, the last resume trains
+    to the end (exit status 0), and the run ends with the losses and weights of an
+    uninterrupted one."""
     reference = tmp_path / "reference"
     train(load_train_config(str(fast_config), [f"output_dir={reference}"]), progress=False)
     seconds = json.loads((reference / "log.jsonl").read_text().splitlines()[-1]).get(
@@ -111,6 +89,7 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_weights(
     # checkpoint write (the moment its temporary file exists), retried until it lands.
     plan = ["random", "write", "random"]
     attempts = 0
+    reached = 0  # the checkpoint's iteration before this run
     while plan and attempts < 8:
         attempts += 1
         checkpoint = out / CHECKPOINT
@@ -134,26 +113,34 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_weights(
             pytest.fail(f"training ended before the kill (code {proc.returncode}):\n{output}")
         kills += 1
         was_mid_write = bool(set(temp_files(out)) - stale)
-        # Whatever the kill hit, the checkpoint on disk is whole and loads.
-        assert checkpoint_iteration(out) is not None, output
+        # Whatever the kill hit, the checkpoint on disk is whole and loads, never older
+        # than before the run; a run killed after it wrote one got further.
+        iteration = checkpoint_iteration(out)
+        assert iteration is not None, output
+        if plan[0] == "random":
+            assert iteration > reached, (iteration, reached)
+        assert iteration >= reached, (iteration, reached)
+        reached = iteration
         if plan[0] == "write" and not was_mid_write:
             continue  # the write finished before the kill arrived: aim again
         mid_write += was_mid_write
         plan.pop(0)
     assert not plan, f"no kill landed during a checkpoint write in {attempts} tries"
 
-    # The last resume runs here rather than in a fourth process (same code, one start-up
-    # less): it cleans up after the kills and trains to the end.
-    result = train(load_train_config(str(fast_config), [f"output_dir={out}"]), resume=True,
-                   progress=False)
-    assert result["iteration"] == ITERATIONS and result["stopped"] is None
-    assert f"resuming from {out / CHECKPOINT}" in capsys.readouterr().out
+    # The last resume runs the command here rather than in a fourth process (same code,
+    # one start-up less): it cleans up after the kills and trains to the end.
+    code = main(["train", "--config", str(fast_config), "--output-dir", str(out), "--resume",
+                 "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert f"resuming from {out / CHECKPOINT}" in printed.out
     assert kills >= 3 and mid_write >= 1
     assert checkpoint_iteration(out) == ITERATIONS
+    assert (out / FINAL_WEIGHTS).is_file()
     assert not temp_files(out), "a killed write's temporary file was not removed"
     # Exact resume: the same losses at every iteration, logged once each, and bit-equal
     # final weights.
-    assert logged(out) == logged(reference)
+    assert logged_losses(out, once=True) == logged_losses(reference, once=True)
     _, killed_state = load_weights(out / FINAL_WEIGHTS)
     _, reference_state = load_weights(reference / FINAL_WEIGHTS)
     assert killed_state.keys() == reference_state.keys()
@@ -200,7 +187,7 @@ def test_full_disk_stops_with_one_message_and_keeps_the_last_checkpoint(
                                                         "solver.iterations=4"]),
                    resume=True, progress=False)
     assert result["iteration"] == 4 and result["weights"] is not None
-    assert sorted(logged(out)) == [1, 2, 3, 4]
+    assert sorted(logged_losses(out, once=True)) == [1, 2, 3, 4]
 
 
 def test_atomic_write_keeps_the_old_file_and_removes_its_temporary_on_efbig(tmp_path):
@@ -226,16 +213,6 @@ def test_atomic_write_keeps_the_old_file_and_removes_its_temporary_on_efbig(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]
 
 
-class _CreatesFile:
-    """Unpickling this would create ``path``: the marker of code run by a loader."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def _resume(config, out, capsys):
     code = main(["train", "--config", str(config), "--output-dir", str(out), "--resume",
                  "--no-progress"])
@@ -247,13 +224,13 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(fast_config, tmp_path, 
     out.mkdir()
     marker = tmp_path / "code_was_run"
     # A torch.save archive (what a checkpoint is) and a raw pickle, both carrying the call.
-    torch.save({"model": _CreatesFile(marker), "iteration": 1}, out / CHECKPOINT)
+    torch.save({"model": CreatesFile(marker), "iteration": 1}, out / CHECKPOINT)
     code, err = _resume(fast_config, out, capsys)
     assert code == 2, err
     assert err.startswith(f"orcnn-core train: error: {out / CHECKPOINT}: refused: the "
                           f"checkpoint holds objects other than tensors"), err
     assert "Unsupported global" in err and err.count("\n") == 1
-    (out / CHECKPOINT).write_bytes(pickle.dumps(_CreatesFile(marker), protocol=2))
+    (out / CHECKPOINT).write_bytes(pickle.dumps(CreatesFile(marker), protocol=2))
     code, err = _resume(fast_config, out, capsys)
     assert code == 2 and "refused" in err, err
     assert not marker.exists()

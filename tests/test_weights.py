@@ -19,26 +19,17 @@ from orcnn_core.weights import (
     load_weights,
     save_weights,
 )
-
-
-def tiny_config(**changes):
-    base = dict(min_size=64, max_size=64, num_classes=3, class_names=["red", "blue"],
-                fpn_channels=32, box_head_dim=64, mask_head_channels=16, mask_roi_size=7,
-                anchor_sizes=(8, 16, 24, 32, 48), rpn_pre_nms_top_n_test=50,
-                rpn_post_nms_top_n_test=20, box_detections_per_img=5, box_score_thresh=0.0)
-    base.update(changes)
-    return ModelConfig.small(**base)
+from helpers import CreatesFile
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny random model and its weights file."""
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    model = build_model(cfg).eval()
+    model = tiny_model(box_score_thresh=0.0).eval()
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_weights(model, cfg, path)
-    return model, cfg, path
+    save_weights(model, model.config, path)
+    return model, model.config, path
 
 
 def test_round_trip_gives_identical_outputs(saved):
@@ -73,13 +64,8 @@ def test_pickle_is_refused_without_unpickling(saved, tmp_path):
 
     # A pickle that would create a file when unpickled: it must never run.
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     evil = tmp_path / "evil.safetensors"
-    evil.write_bytes(pickle.dumps(Payload(), protocol=4))
+    evil.write_bytes(pickle.dumps(CreatesFile(marker), protocol=4))
     with pytest.raises(InputError, match="refusing to unpickle"):
         load_weights(evil)
     with pytest.raises(InputError, match="evil.safetensors"):
@@ -190,9 +176,7 @@ def test_init_from_torchvision_maskrcnn_state_dict(tmp_path, capsys):
 
 def test_init_accepts_safetensors_and_legacy_torchvision_names(tmp_path):
     # torchvision's COCO_V1 download predates the current key names.
-    cfg = tiny_config()
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    model = tiny_model(box_score_thresh=0.0)
     state = model.state_dict()
     legacy = {
         "roi_heads.mask_head.mask_fcn1.weight":
@@ -213,16 +197,6 @@ def test_init_accepts_safetensors_and_legacy_torchvision_names(tmp_path):
 
 
 # ------------------------------------------------------------------ files from elsewhere
-class _CreatesFile:
-    """Unpickling this would create ``path``: the marker of code run by a loader."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def _write_pickle(kind, payload, path):
     if kind == "torch.save":
         torch.save({"model": payload}, path)
@@ -238,7 +212,7 @@ def test_pickles_that_would_run_code_are_refused_by_every_loader(saved, tmp_path
     model, _, _ = saved
     marker = tmp_path / "code_was_run"
     path = tmp_path / "evil.safetensors"
-    _write_pickle(kind, _CreatesFile(marker), path)
+    _write_pickle(kind, CreatesFile(marker), path)
     for load in (load_weights, build_from_file, lambda p: Predictor.from_file(p, "cpu")):
         with pytest.raises(InputError, match=rf"^{path}: not a safetensors file"):
             load(path)

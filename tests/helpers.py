@@ -1,0 +1,35 @@
+"""Small helpers shared by several test modules."""
+
+import json
+
+import numpy as np
+
+
+def logged_losses(out_dir, once=False) -> dict:
+    """iteration -> total loss, from a training run's log.jsonl (a partial line fails);
+    ``once``: fail on an iteration logged twice too."""
+    losses = {}
+    for line in (out_dir / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "losses" in record:
+            if once:
+                assert record["iteration"] not in losses, \
+                    f"iteration {record['iteration']} twice"
+            losses[record["iteration"]] = record["losses"]["total"]
+    return losses
+
+
+class CreatesFile:
+    """Unpickling this would create ``path``: the marker of code run by a loader."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def assert_same_arrays(a, b, names):
+    """The attributes ``names`` of ``a`` and ``b`` are equal arrays."""
+    for name in names:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
