@@ -30,7 +30,8 @@ from rosbags.rosbag2 import Reader, Writer  # noqa: E402
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore  # noqa: E402
 
 from orcnn_core.errors import InputError  # noqa: E402
-from orcnn_core.occlusion import occlusion_graph  # noqa: E402
+from orcnn_core.occlusion import (MIN_CONFIDENCE, MIN_OVERLAP_PIXELS,  # noqa: E402
+                                  MIN_OVERLAP_RATIO, occlusion_graph)
 from orcnn_core.visualize import draw_prediction  # noqa: E402
 from orcnn_ros import conversions  # noqa: E402
 
@@ -69,7 +70,8 @@ def make_typestore():
 
 
 def infer_bag(bag, topic, out, predictor, *, score_threshold=0.5, max_instances=50,
-              min_overlap_pixels=20, min_overlap_ratio=0.01, color_order="auto",
+              min_overlap_pixels=MIN_OVERLAP_PIXELS, min_overlap_ratio=MIN_OVERLAP_RATIO,
+              min_edge_confidence=MIN_CONFIDENCE, color_order="auto",
               output_topic="/amodal_instances",
               overlay_topic="/orcnn_perception/debug_image", model_name="", limit=0,
               log=print) -> dict:
@@ -105,7 +107,8 @@ def infer_bag(bag, topic, out, predictor, *, score_threshold=0.5, max_instances=
                 inference_ms = (time.perf_counter() - t0) * 1000.0
                 prediction = conversions.select_instances(prediction, score_threshold,
                                                           max_instances)
-                graph = occlusion_graph(prediction, min_overlap_pixels, min_overlap_ratio)
+                graph = occlusion_graph(prediction, min_overlap_pixels, min_overlap_ratio,
+                                        min_edge_confidence)
                 header = conversions.copy_header(msg.header)
                 result = conversions.instance_array_msg(
                     prediction, graph, header, model_name, inference_ms,
@@ -153,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--max-instances", type=int, default=50)
-    parser.add_argument("--min-overlap-pixels", type=int, default=20)
-    parser.add_argument("--min-overlap-ratio", type=float, default=0.01)
+    parser.add_argument("--min-overlap-pixels", type=float, default=MIN_OVERLAP_PIXELS)
+    parser.add_argument("--min-overlap-ratio", type=float, default=MIN_OVERLAP_RATIO)
+    parser.add_argument("--min-edge-confidence", type=float, default=MIN_CONFIDENCE)
     parser.add_argument("--color-order", default="auto", choices=("auto", "rgb", "bgr"))
     parser.add_argument("--output-topic", default="/amodal_instances")
     parser.add_argument("--overlay-topic", default="/orcnn_perception/debug_image")
@@ -188,7 +192,8 @@ def main(argv=None) -> int:
         summary = infer_bag(
             args.bag, args.topic, args.out, predictor, score_threshold=args.score_threshold,
             max_instances=args.max_instances, min_overlap_pixels=args.min_overlap_pixels,
-            min_overlap_ratio=args.min_overlap_ratio, color_order=args.color_order,
+            min_overlap_ratio=args.min_overlap_ratio,
+            min_edge_confidence=args.min_edge_confidence, color_order=args.color_order,
             output_topic=args.output_topic,
             overlay_topic=None if args.no_overlay else args.overlay_topic,
             model_name=model.stem, limit=args.limit)

@@ -11,6 +11,7 @@ import pytest
 from orcnn_core.data import AmodalSample, load_dataset, parse_dataset, write_amodal_coco
 from orcnn_core.errors import InputError
 from orcnn_core.masks import decode, encode
+from helpers import assert_same_arrays
 
 W, H = 40, 30  # fixture image size
 
@@ -53,12 +54,8 @@ def write_image(path, w=W, h=H, seed=0):
 def same_sample(a: AmodalSample, b: AmodalSample):
     assert a.image_id == b.image_id and a.file_name == b.file_name
     assert a.mask_padding == b.mask_padding
-    np.testing.assert_array_equal(a.amodal_masks, b.amodal_masks)
-    np.testing.assert_array_equal(a.visible_masks, b.visible_masks)
-    np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_array_equal(a.boxes, b.boxes)
-    np.testing.assert_array_equal(a.annotation_ids, b.annotation_ids)
-    np.testing.assert_array_equal(a.occlusion_relations, b.occlusion_relations)
+    assert_same_arrays(a, b, ("amodal_masks", "visible_masks", "labels", "boxes",
+                              "annotation_ids", "occlusion_relations"))
 
 
 def round_trip(ds, tmp_path):

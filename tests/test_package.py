@@ -59,10 +59,11 @@ def test_message_definitions_match_the_public_api():
         "id": "uint32", "class_id": "int32", "class_name": "string", "score": "float",
         "roi_x": "int32", "roi_y": "int32", "roi_width": "uint32", "roi_height": "uint32",
         "mask": "sensor_msgs/Image", "amodal_area": "uint32", "visible_area": "uint32",
-        "occlusion_ratio": "float", "truncated": "boolean", "layer": "uint32"}
+        "occlusion_ratio": "float", "truncated": "boolean", "layer": "uint32",
+        "free_probability": "float"}
     assert OcclusionEdge.get_fields_and_field_types() == {
         "occluder": "uint32", "occludee": "uint32", "overlap_pixels": "uint32",
-        "overlap_ratio": "float"}
+        "overlap_ratio": "float", "confidence": "float"}
     assert AmodalInstanceArray.get_fields_and_field_types() == {
         "header": "std_msgs/Header", "image_width": "uint32", "image_height": "uint32",
         "instances": "sequence<orcnn_ros/AmodalInstance>",

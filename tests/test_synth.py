@@ -12,6 +12,7 @@ from orcnn_core.data import load_dataset, mask_boxes
 from orcnn_core.errors import InputError
 from orcnn_core.synth import (CLASS_NAMES, SynthConfig, flat_colour, generate_dataset,
                               generate_samples, render_scene)
+from helpers import assert_same_arrays
 
 SMALL = dict(width=96, height=72)
 
@@ -21,12 +22,8 @@ def samples(n, seed, **kw):
 
 
 def assert_same(a, b):
-    np.testing.assert_array_equal(a.image, b.image)
-    np.testing.assert_array_equal(a.amodal_masks, b.amodal_masks)
-    np.testing.assert_array_equal(a.visible_masks, b.visible_masks)
-    np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_array_equal(a.boxes, b.boxes)
-    np.testing.assert_array_equal(a.occlusion_relations, b.occlusion_relations)
+    assert_same_arrays(a, b, ("image", "amodal_masks", "visible_masks", "labels", "boxes",
+                              "occlusion_relations"))
 
 
 def test_same_seed_same_scene_and_prefix():
