@@ -713,6 +713,10 @@ def _evaluate_and_log(model, val_scenes, gt, device, writer, iteration, out) -> 
         writer.add_scalar(f"eval/{key}", metrics[key], iteration)
     writer.add_scalar("eval/occluded_AP_IV50", metrics["occluded"]["AP_IV50"], iteration)
     writer.add_scalar("eval/order_accuracy", metrics["order"]["accuracy"], iteration)
+    published = metrics["published_order"]["model"]
+    for key in ("pair_accuracy", "first_pick_free", "first3_free", "edge_precision",
+                "edge_recall"):
+        writer.add_scalar(f"eval/published_{key}", published[key], iteration)
     try:
         overlay = _overlay(model, val_scenes[0], device)
         writer.add_image("val/overlay", overlay, iteration, dataformats="HWC")

@@ -1,10 +1,12 @@
 """Occlusion graph, layers and pick order on hand-built instances (no model, no ROS)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from orcnn_core.errors import InputError
-from orcnn_core.occlusion import occlusion_graph, pair_overlaps
+from orcnn_core.occlusion import edge_confidence, occlusion_graph, pair_evidence, pair_overlaps
 from orcnn_core.prediction import Prediction
 
 IMAGE = (100, 120)  # height, width
@@ -62,6 +64,11 @@ def test_one_object_on_another():
     assert graph.overlap_pixels.tolist() == [overlap]
     assert graph.overlap_ratio.dtype == np.float32
     assert graph.overlap_ratio[0] == pytest.approx(overlap / (40 * 30))
+    # Evidence one way only: P = 400 / (400 + 0 + 2); nothing lies on the upper object.
+    assert graph.confidence.dtype == np.float32
+    assert graph.confidence[0] == pytest.approx(overlap / (overlap + 2))
+    assert graph.free_probability.dtype == np.float32
+    assert graph.free_probability.tolist() == pytest.approx([2 / (overlap + 2), 1.0])
     assert graph.layers.tolist() == [1, 0]
     # The upper object goes first although the lower one has the higher score.
     assert graph.pick_order.tolist() == [1, 0]
@@ -82,6 +89,16 @@ def test_thresholds_decide_which_overlaps_are_edges():
     ratio = 25 / (40 * 30)
     assert occlusion_graph(pred, 1, ratio * 0.99).edges.tolist() == [[1, 0]]
     assert occlusion_graph(pred, 1, ratio * 1.01).edges.shape == (0, 2)
+    # Pixel thresholds may be fractional (probability evidence is).
+    assert occlusion_graph(pred, min_overlap_pixels=24.5).edges.tolist() == [[1, 0]]
+    assert occlusion_graph(pred, min_overlap_pixels=25.5).edges.shape == (0, 2)
+    # Confidence 25 / (25 + 0 + 2) = 0.926 against the confidence threshold ...
+    assert occlusion_graph(pred, min_confidence=0.92).edges.tolist() == [[1, 0]]
+    assert occlusion_graph(pred, min_confidence=0.93).edges.shape == (0, 2)
+    # ... and against the prior: 25 / (25 + 0 + 25) = 0.5 is kept, 25 / 51 is not.
+    graph = occlusion_graph(pred, prior_pixels=25)
+    assert graph.edges.tolist() == [[1, 0]] and graph.confidence.tolist() == [0.5]
+    assert occlusion_graph(pred, prior_pixels=26).edges.shape == (0, 2)
     # Thresholds of 0 still need one shared pixel.
     apart = prediction_from_masks([canvas_instance([(0, 0, 10, 10)], []),
                                    canvas_instance([(5, 5, 20, 20)], [(5, 5, 20, 20)])],
@@ -90,7 +107,7 @@ def test_thresholds_decide_which_overlaps_are_edges():
     no_hidden = prediction_from_masks(
         [canvas_instance([(0, 0, 10, 10)], [(0, 0, 10, 10)]),
          canvas_instance([(5, 5, 20, 20)], [(5, 5, 20, 20)])], [0.5, 0.5])
-    graph = occlusion_graph(no_hidden, 0, 0.0)
+    graph = occlusion_graph(no_hidden, 0, 0.0, 0.0, 0.0)
     assert graph.edges.shape == (0, 2)
     assert graph.layers.tolist() == [0, 0]
 
@@ -105,7 +122,10 @@ def test_hidden_parts_overlapping_each_other_make_no_edge():
     assert graph.edges.tolist() == [[2, 0], [2, 1]]
     assert graph.overlap_pixels.tolist() == [15 * 30, 20 * 30]
     assert graph.layers.tolist() == [1, 1, 0]
-    assert graph.pick_order.tolist() == [2, 1, 0]
+    # Only c lies on each: free = 1 - P(c on it) = 2 / (e + 2). a (450 px under c) is
+    # likelier free than b (600 px) and goes first although b has the higher score.
+    assert graph.free_probability.tolist() == pytest.approx([2 / 452, 2 / 602, 1.0])
+    assert graph.pick_order.tolist() == [2, 0, 1]
 
 
 def test_two_cycle_drops_the_weaker_edge():
@@ -120,13 +140,24 @@ def test_two_cycle_drops_the_weaker_edge():
                                   (b_amodal, b_visible)], [0.5, 0.9])
     pairs, pixels = pair_overlaps(pred.rois, pred.crops)
     assert dict(zip(map(tuple, pairs.tolist()), pixels.tolist())) == {(0, 1): 30, (1, 0): 25}
+    # P(a on b) = 30 / (30 + 25 + 2), P(b on a) = 25 / 57: at the default confidence
+    # threshold (0.5) only a -> b is an edge, so there is no cycle to break.
     graph = occlusion_graph(pred, min_overlap_pixels=10)
+    assert not graph.has_cycle and graph.dropped_edges.shape == (0, 2)
+    assert graph.edges.tolist() == [[0, 1]]
+    assert graph.confidence.tolist() == pytest.approx([30 / 57])
+    assert graph.free_probability.tolist() == pytest.approx([1 - 25 / 57, 1 - 30 / 57])
+    # Without a confidence threshold both directions are edges: the less confident one
+    # goes.
+    graph = occlusion_graph(pred, min_overlap_pixels=10, min_confidence=0.0)
     assert graph.has_cycle
     assert graph.dropped_edges.tolist() == [[1, 0]]
     assert graph.edges.tolist() == [[0, 1]]
     assert graph.overlap_pixels.tolist() == [30]
     assert graph.layers.tolist() == [0, 1]
     assert graph.pick_order.tolist() == [0, 1]
+    # Free probability does not depend on which edges are kept.
+    assert graph.free_probability.tolist() == pytest.approx([1 - 25 / 57, 1 - 30 / 57])
 
 
 def labelled(box, hidden_regions, size):
@@ -165,25 +196,60 @@ def test_three_cycle_and_disconnected_groups():
     assert graph.edges.tolist() == [[0, 1], [1, 2], [4, 3]]
     assert graph.overlap_pixels.tolist() == [50, 40, 400]
     assert graph.layers.tolist() == [0, 1, 2, 1, 0, 0]
-    # Layer 0 by score (4: 0.95, 5: 0.7, 0: 0.6), then layer 1 (1: 0.5, 3: 0.3), then 2.
-    assert graph.pick_order.tolist() == [4, 5, 0, 1, 3, 2]
+    # Confidence e / (e + 2) (no evidence the other way); free = 1 - P(the one on it):
+    # 0: 2/32, 1: 2/52, 2: 2/42, 3: 2/402, 4 and 5: 1.
+    assert graph.confidence.tolist() == pytest.approx([50 / 52, 40 / 42, 400 / 402])
+    assert graph.free_probability.tolist() == pytest.approx(
+        [2 / 32, 2 / 52, 2 / 42, 2 / 402, 1, 1])
+    # Free now: 4 and 5 (both 1, by score), then 0; then 1 (2/52 = 0.038), freed by 0,
+    # beats 3 (0.005), freed by 4; then 2 (0.048), freed by 1, beats 3 again.
+    assert graph.pick_order.tolist() == [4, 5, 0, 1, 2, 3]
     # Raising the pixel threshold above the weakest ring edge removes the cycle instead.
     graph = occlusion_graph(pred, min_overlap_pixels=31, min_overlap_ratio=0.0)
     assert not graph.has_cycle and graph.dropped_edges.shape == (0, 2)
     assert graph.edges.tolist() == [[0, 1], [1, 2], [4, 3]]
 
 
-def test_pick_order_ties_break_by_score_then_occlusion():
-    # Four separate objects; 1 and 2 share a score, 2 is less occluded (part hidden outside
-    # nothing: its amodal mask has a hidden strip, as if a model predicted it).
+def test_cycle_breaking_drops_the_least_confident_edge_not_the_smallest():
+    # The ring of three_cycle_scene (0 -> 1: 50 px, 1 -> 2: 40 px, 2 -> 0: 30 px) with 40 px
+    # of 0 also hidden under 1: P(0 on 1) = 50 / (50 + 40 + 2) = 0.54 is now the weakest
+    # edge of the ring although 2 -> 0 has less evidence (P = 30 / 32 = 0.94).
+    size = (60, 60)
+    ring = [labelled((10, 10, 30, 30), [(15, 24, 20, 30), (20, 15, 30, 19)], size),
+            labelled((20, 10, 40, 30), [(20, 10, 30, 15)], size),
+            labelled((15, 20, 35, 40), [(30, 20, 35, 28)], size)]
+    pred = prediction_from_masks(ring, [0.9, 0.8, 0.7], size)
+    pairs, pixels = pair_overlaps(pred.rois, pred.crops)
+    assert dict(zip(map(tuple, pairs.tolist()), pixels.tolist())) == {
+        (0, 1): 50, (1, 0): 40, (1, 2): 40, (2, 0): 30}
+    graph = occlusion_graph(pred)
+    assert graph.has_cycle
+    assert graph.dropped_edges.tolist() == [[0, 1]]
+    assert graph.edges.tolist() == [[1, 2], [2, 0]]  # 1 -> 0 (P = 40 / 92) is no edge
+    assert graph.confidence.tolist() == pytest.approx([40 / 42, 30 / 32])
+    assert graph.layers.tolist() == [2, 0, 1]
+    # free 0 = (1 - 30/32)(1 - 40/92), 1 = 1 - 50/92, 2 = 1 - 40/42: the dropped edge
+    # still counts as evidence.
+    assert graph.free_probability.tolist() == pytest.approx(
+        [(2 / 32) * (52 / 92), 42 / 92, 2 / 42])
+    assert graph.pick_order.tolist() == [1, 2, 0]
+
+
+def test_pick_order_ties_break_by_score_then_index():
+    # Four separate objects, b and c with the same score. Their hidden strips lie under
+    # nothing: no evidence, so all four are free with probability 1 and the score decides,
+    # then the lower index (how much of each is hidden does not matter).
     a = canvas_instance([(0, 0, 10, 10)], [(0, 0, 10, 10)])
-    b = canvas_instance([(20, 0, 30, 10)], [(20, 0, 30, 5)])  # ratio 0.5
-    c = canvas_instance([(40, 0, 50, 10)], [(40, 0, 50, 8)])  # ratio 0.2
+    b = canvas_instance([(20, 0, 30, 10)], [(20, 0, 30, 5)])  # half hidden
+    c = canvas_instance([(40, 0, 50, 10)], [(40, 0, 50, 8)])  # a fifth hidden
     d = canvas_instance([(60, 0, 70, 10)], [(60, 0, 70, 10)])
     pred = prediction_from_masks([a, b, c, d], [0.3, 0.8, 0.8, 0.9])
     graph = occlusion_graph(pred)
     assert graph.edges.shape == (0, 2)
-    assert graph.pick_order.tolist() == [3, 2, 1, 0]
+    assert graph.free_probability.tolist() == [1, 1, 1, 1]
+    assert graph.pick_order.tolist() == [3, 1, 2, 0]
+    swapped = prediction_from_masks([a, c, b, d], [0.3, 0.8, 0.8, 0.9])
+    assert occlusion_graph(swapped).pick_order.tolist() == [3, 1, 2, 0]
     same = prediction_from_masks([a, d], [0.5, 0.5])
     assert occlusion_graph(same).pick_order.tolist() == [0, 1]  # full tie: lower index
 
@@ -232,46 +298,67 @@ def test_random_instances_match_brute_force_and_order_is_topological(seed):
         assert where[a] < where[b]
         assert graph.layers[b] > graph.layers[a]
     for b in range(n):
-        above = graph.occluders_of(b)
+        above = graph.edges[graph.edges[:, 1] == b, 0]
         expected = 0 if len(above) == 0 else 1 + graph.layers[above].max()
         assert graph.layers[b] == expected
-    # Kept and dropped edges together are the overlaps above the threshold.
+    # Kept and dropped edges together are the overlaps above the thresholds: >= 3 px and
+    # confidence p / (p + reverse + 2) >= 0.5.
     assert graph.has_cycle == (len(graph.dropped_edges) > 0)
     kept_and_dropped = {tuple(e) for e in graph.edges.tolist()} \
         | {tuple(e) for e in graph.dropped_edges.tolist()}
-    candidates = {e for e, p in zip(map(tuple, pairs.tolist()), pixels.tolist()) if p >= 3}
+    candidates = {(a, b) for (a, b), p in found.items()
+                  if p >= 3 and p / (p + found.get((b, a), 0) + 2) >= 0.5}
     assert kept_and_dropped == candidates
-    for (a, b), pix, ratio in zip(graph.edges.tolist(), graph.overlap_pixels,
-                                  graph.overlap_ratio):
+    for (a, b), pix, ratio, conf in zip(graph.edges.tolist(), graph.overlap_pixels,
+                                        graph.overlap_ratio, graph.confidence):
         assert found[(a, b)] == pix
         assert ratio == pytest.approx(pix / pred.amodal_areas[b], rel=1e-6)
+        assert conf == pytest.approx(pix / (pix + found.get((b, a), 0) + 2), rel=1e-6)
 
 
 def test_empty_and_single_predictions():
     graph = occlusion_graph(Prediction.empty(IMAGE))
     assert graph.edges.shape == (0, 2) and graph.dropped_edges.shape == (0, 2)
     assert graph.layers.shape == (0,) and graph.pick_order.shape == (0,)
+    assert graph.confidence.shape == (0,) and graph.free_probability.shape == (0,)
     assert not graph.has_cycle and len(graph) == 0
     one = prediction_from_masks([canvas_instance([(0, 0, 5, 5)], [(0, 0, 5, 3)])], [0.4])
     graph = occlusion_graph(one)
     assert graph.pick_order.tolist() == [0] and graph.layers.tolist() == [0]
+    assert graph.free_probability.tolist() == [1.0]
 
 
 @pytest.mark.parametrize("kwargs", [dict(min_overlap_pixels=-1),
-                                    dict(min_overlap_pixels=2.5),
+                                    dict(min_overlap_pixels=float("inf")),
                                     dict(min_overlap_pixels=True),
+                                    dict(min_overlap_pixels="5"),
                                     dict(min_overlap_ratio=1.5),
                                     dict(min_overlap_ratio=float("nan")),
-                                    dict(min_overlap_ratio=-0.1)])
+                                    dict(min_overlap_ratio=-0.1),
+                                    dict(min_confidence=1.01),
+                                    dict(min_confidence=-0.5),
+                                    dict(min_confidence=None),
+                                    dict(prior_pixels=-2),
+                                    dict(prior_pixels=float("nan")),
+                                    dict(prior_pixels=float("inf"))])
 def test_invalid_thresholds_are_rejected(kwargs):
     with pytest.raises(InputError, match=next(iter(kwargs))):
         occlusion_graph(Prediction.empty(IMAGE), **kwargs)
 
 
 # ------------------------------------------------------- against straightforward references
-def reference_pair_overlaps(rois, crops):
-    """Pair by pair, window by window, in the documented order."""
-    out_pairs, out_pixels = [], []
+def reference_pair_evidence(rois, crops, probs=None):
+    """Pair by pair, window by window, in the documented order: the pairs with positive
+    evidence and their evidence, sum over the window of visible_a * hidden_b in float64
+    (labels: 1 visible, 2 hidden; probabilities /255: p_visible, p_amodal * (1 - p_visible))."""
+    def planes(k, rows, cols):
+        if probs is None:
+            window = crops[k][rows, cols]
+            return (window == 1).astype(np.float64), (window == 2).astype(np.float64)
+        amodal, visible = (probs[k][c][rows, cols] / 255.0 for c in (0, 1))
+        return visible, amodal * (1.0 - visible)
+
+    out_pairs, out_evidence = [], []
     n = len(crops)
     for a in range(n):
         for b in range(a + 1, n):
@@ -280,41 +367,111 @@ def reference_pair_overlaps(rois, crops):
             x1, y1 = min(xa + wa, xb + wb), min(ya + ha, yb + hb)
             if x1 <= x0 or y1 <= y0:
                 continue
-            win_a = crops[a][y0 - ya:y1 - ya, x0 - xa:x1 - xa]
-            win_b = crops[b][y0 - yb:y1 - yb, x0 - xb:x1 - xb]
-            for (p, q), count in (((a, b), np.sum((win_a == 1) & (win_b == 2))),
-                                  ((b, a), np.sum((win_b == 1) & (win_a == 2)))):
-                if count:
-                    out_pairs.append((p, q))
-                    out_pixels.append(int(count))
-    return out_pairs, out_pixels
+            vis_a, hid_a = planes(a, slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
+            vis_b, hid_b = planes(b, slice(y0 - yb, y1 - yb), slice(x0 - xb, x1 - xb))
+            for pair, evidence in (((a, b), np.sum(vis_a * hid_b)),
+                                   ((b, a), np.sum(vis_b * hid_a))):
+                if evidence > 0:
+                    out_pairs.append(pair)
+                    out_evidence.append(float(evidence))
+    return out_pairs, out_evidence
 
 
-def reference_break_cycles(edges, pixels, ratios):
-    """The definition: while a cycle is left, drop the weakest edge lying on one (an edge
-    a -> b lies on a cycle when b reaches a)."""
-    alive, dropped = list(range(len(edges))), []
+def reference_pair_overlaps(rois, crops):
+    """:func:`reference_pair_evidence` of label crops, as pixel counts."""
+    pairs, evidence = reference_pair_evidence(rois, crops)
+    return pairs, [int(e) for e in evidence]
 
-    def reaches(start, goal, live):
+
+def reference_break_cycles(edges, confidence, evidence):
+    """The definition: while a cycle is left, drop the weakest edge lying on one (lowest
+    confidence, then less evidence, then the lower (occluder, occludee)); an edge a -> b
+    lies on a cycle when b reaches a over the edges left."""
+    weakest_first = sorted(range(len(edges)),
+                           key=lambda k: (confidence[k], evidence[k], edges[k]))
+    alive, dropped = set(range(len(edges))), []
+
+    def reaches(start, goal):
+        succ = {}
+        for k in alive:
+            succ.setdefault(edges[k][0], []).append(edges[k][1])
         seen, todo = {start}, [start]
         while todo:
-            v = todo.pop()
-            for k in live:
-                a, b = edges[k]
-                if a == v and b not in seen:
-                    if b == goal:
-                        return True
-                    seen.add(b)
-                    todo.append(b)
+            for w in succ.get(todo.pop(), ()):
+                if w == goal:
+                    return True
+                if w not in seen:
+                    seen.add(w)
+                    todo.append(w)
         return False
 
     while True:
-        on_cycle = [k for k in alive if reaches(edges[k][1], edges[k][0], alive)]
-        if not on_cycle:
+        weakest = next((k for k in weakest_first
+                        if k in alive and reaches(edges[k][1], edges[k][0])), None)
+        if weakest is None:
             return dropped
-        weakest = min(on_cycle, key=lambda k: (pixels[k], ratios[k], edges[k]))
         alive.remove(weakest)
         dropped.append(weakest)
+
+
+def reference_graph(pred, pairs, evidence, min_pixels=1.0, min_ratio=0.0,
+                    min_confidence=0.5, prior=2.0):
+    """The module doc's rule spelled out from the pair evidence of
+    :func:`reference_pair_evidence`: a dict of the kept and dropped edges, the confidence
+    of the kept ones, layers and free probabilities."""
+    n = len(pred.crops)
+    found = dict(zip(pairs, evidence))
+    amodal = [int(np.isin(c, (1, 2)).sum()) for c in pred.crops]
+    confidence = {(a, b): e / (e + found.get((b, a), 0.0) + prior)
+                  for (a, b), e in found.items()}
+    free = [1.0] * n
+    for (_, b), c in confidence.items():
+        free[b] *= 1.0 - c
+    candidates = sorted(p for p, e in found.items()
+                        if e >= min_pixels and e / max(amodal[p[1]], 1) >= min_ratio
+                        and confidence[p] >= min_confidence)
+    dropped = reference_break_cycles(candidates, [confidence[p] for p in candidates],
+                                     [found[p] for p in candidates])
+    kept = [p for k, p in enumerate(candidates) if k not in dropped]
+    layers = {}
+
+    def layer(b):
+        if b not in layers:
+            layers[b] = max((1 + layer(a) for a, c in kept if c == b), default=0)
+        return layers[b]
+
+    return {"edges": kept, "dropped": [candidates[k] for k in dropped],
+            "evidence": [found[p] for p in kept], "confidence": [confidence[p] for p in kept],
+            "ratio": [found[p] / max(amodal[p[1]], 1) for p in kept],
+            "layers": [layer(i) for i in range(n)], "free": free}
+
+
+def reference_pick_order(edges, free, scores):
+    """Brute force: repeatedly take, of the instances nothing left lies on (by ``edges``),
+    the one with the highest (free probability, score, then lower index)."""
+    left, order = set(range(len(scores))), []
+    while left:
+        covered = {b for a, b in edges if a in left}
+        best = max(left - covered, key=lambda i: (free[i], scores[i], -i))
+        order.append(best)
+        left.remove(best)
+    return order
+
+
+def assert_graph_is_reference(graph, ref, scores):
+    """``graph`` equals :func:`reference_graph`'s ``ref``; the pick order is checked by
+    brute force on the graph's own free probabilities (compared to the reference's first,
+    so float32 rounding cannot reorder near-ties)."""
+    assert graph.edges.tolist() == [list(e) for e in ref["edges"]]
+    assert graph.dropped_edges.tolist() == [list(e) for e in ref["dropped"]]
+    assert graph.has_cycle == bool(ref["dropped"])
+    assert graph.overlap_pixels.tolist() == [int(np.rint(e)) for e in ref["evidence"]]
+    np.testing.assert_allclose(graph.confidence, ref["confidence"], rtol=1e-5)
+    np.testing.assert_allclose(graph.overlap_ratio, ref["ratio"], rtol=1e-5)
+    assert graph.layers.tolist() == ref["layers"]
+    np.testing.assert_allclose(graph.free_probability, ref["free"], rtol=1e-4, atol=1e-30)
+    assert graph.pick_order.tolist() == reference_pick_order(
+        ref["edges"], graph.free_probability.tolist(), np.asarray(scores).tolist())
 
 
 def clustered_prediction(rng, n, size=(90, 120)):
@@ -337,34 +494,101 @@ def clustered_prediction(rng, n, size=(90, 120)):
                       image_size=size)
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_pair_overlaps_and_cycle_breaking_match_the_references(seed, monkeypatch):
+def clustered_prediction_with_probs(rng, n, size=(90, 120)):
+    """Like :func:`clustered_prediction`, with mask probabilities: each instance's
+    p_visible ramps across it (visible on one side, hidden on the other, so objects can
+    lie on each other in a loop), noisy per pixel, 0 outside the image; the label crops
+    are the probabilities thresholded at 0.5."""
+    height, width = size
+    rois, crops, probs = [], [], []
+    for _ in range(n):
+        w, h = int(rng.integers(4, 45)), int(rng.integers(4, 45))
+        x, y = int(rng.integers(-10, 50)), int(rng.integers(-10, 40))
+        rows = (np.arange(h) + y)[:, None]
+        cols = (np.arange(w) + x)[None, :]
+        amodal = np.clip(rng.normal(rng.uniform(100, 255), 90, (h, w)), 0, 255)
+        slope_y, slope_x = rng.normal(0, 12, 2)
+        ramp = 128 + slope_y * (rows - y - h / 2) + slope_x * (cols - x - w / 2)
+        visible = np.clip(ramp + rng.normal(0, 60, (h, w)), 0, 255)
+        visible[(rows < 0) | (rows >= height) | (cols < 0) | (cols >= width)] = 0
+        p = np.stack([amodal, visible]).round().astype(np.uint8)
+        crops.append(np.where(p[0] >= 128, np.where(p[1] >= 128, 1, 2), 0).astype(np.uint8))
+        rois.append((x, y, w, h))
+        probs.append(p)
+    return Prediction(boxes=np.zeros((n, 4), np.float32),
+                      scores=rng.random(n).astype(np.float32), labels=np.ones(n, np.int64),
+                      class_names=["o"] * n, rois=np.asarray(rois, np.int32), crops=crops,
+                      image_size=size, probs=probs)
+
+
+#: Every window gathered (in one batch or several) or sliced one by one, or a mix: (batch
+#: pixels, loop pixels); None: the module's own.
+WINDOW_MODES = ((None, None), (1 << 30, 1 << 30), (1, 1 << 30), (500, 1 << 30),
+                (1 << 30, 0), (500, 100))
+
+
+def window_modes(monkeypatch):
     import orcnn_core.occlusion as occlusion
 
+    defaults = (occlusion.BATCH_PIXELS, occlusion.LOOP_PIXELS)
+    for batch, loop in WINDOW_MODES:
+        monkeypatch.setattr(occlusion, "BATCH_PIXELS", batch or defaults[0])
+        monkeypatch.setattr(occlusion, "LOOP_PIXELS", defaults[1] if loop is None else loop)
+        yield
+    monkeypatch.setattr(occlusion, "BATCH_PIXELS", defaults[0])
+    monkeypatch.setattr(occlusion, "LOOP_PIXELS", defaults[1])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pair_overlaps_and_cycle_breaking_match_the_references(seed, monkeypatch):
     rng = np.random.default_rng(100 + seed)
     pred = clustered_prediction(rng, int(rng.integers(2, 25)))
     expected_pairs, expected_pixels = reference_pair_overlaps(pred.rois, pred.crops)
-    # Every window gathered (in one batch or several) or sliced one by one, or a mix.
-    for batch, loop in ((occlusion.BATCH_PIXELS, occlusion.LOOP_PIXELS), (1 << 30, 1 << 30),
-                        (1, 1 << 30), (500, 1 << 30), (1 << 30, 0), (500, 100)):
-        monkeypatch.setattr(occlusion, "BATCH_PIXELS", batch)
-        monkeypatch.setattr(occlusion, "LOOP_PIXELS", loop)
+    for _ in window_modes(monkeypatch):
         pairs, pixels = pair_overlaps(pred.rois, pred.crops)
         assert pairs.dtype == np.int64 and pixels.dtype == np.int64
         assert [tuple(p) for p in pairs.tolist()] == expected_pairs
         assert pixels.tolist() == expected_pixels
 
-    graph = occlusion_graph(pred, min_overlap_pixels=1, min_overlap_ratio=0.0)
-    amodal = pred.amodal_areas
-    ratios = [np.float32(p / max(amodal[b], 1)) for (_, b), p in
-              zip(expected_pairs, expected_pixels)]
-    dropped = reference_break_cycles(expected_pairs, expected_pixels, ratios)
-    assert graph.dropped_edges.tolist() == [list(expected_pairs[k]) for k in dropped]
-    kept = sorted(set(range(len(expected_pairs))) - set(dropped),
-                  key=lambda k: expected_pairs[k])
-    assert graph.edges.tolist() == [list(expected_pairs[k]) for k in kept]
-    assert graph.overlap_pixels.tolist() == [expected_pixels[k] for k in kept]
-    assert graph.has_cycle == bool(dropped)
+    # The default confidence threshold, none (both directions of a pair can be edges:
+    # many 2-cycles) and a pixel threshold.
+    for min_pixels, min_confidence in ((1, 0.5), (1, 0.0), (12, 0.5)):
+        graph = occlusion_graph(pred, min_overlap_pixels=min_pixels, min_overlap_ratio=0.0,
+                                min_confidence=min_confidence)
+        ref = reference_graph(pred, expected_pairs, expected_pixels, min_pixels,
+                              min_confidence=min_confidence)
+        assert_graph_is_reference(graph, ref, pred.scores)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_probability_evidence_and_graph_match_the_references(seed, monkeypatch):
+    rng = np.random.default_rng(200 + seed)
+    pred = clustered_prediction_with_probs(rng, int(rng.integers(3, 22)))
+    expected_pairs, expected_evidence = reference_pair_evidence(pred.rois, pred.crops,
+                                                                pred.probs)
+    assert len(expected_pairs) >= 1
+    for _ in window_modes(monkeypatch):
+        pairs, evidence = pair_evidence(pred.rois, pred.crops, pred.probs)
+        assert pairs.dtype == np.int64 and evidence.dtype == np.float64
+        assert [tuple(p) for p in pairs.tolist()] == expected_pairs
+        np.testing.assert_allclose(evidence, expected_evidence, rtol=1e-5)
+    # float32 products against float64: no evidence, confidence or cycle-breaking rank of
+    # these scenes sits so close to a threshold or a neighbour that rounding could decide.
+    found = dict(zip(expected_pairs, expected_evidence))
+    confidences = sorted(e / (e + found.get((b, a), 0.0) + 2) for (a, b), e in found.items())
+    assert all(abs(c - 0.5) > 1e-5 for c in confidences)
+    assert all(abs(e - 1.0) > 1e-4 for e in expected_evidence)
+    assert all(hi - lo > 1e-5 for lo, hi in zip(confidences, confidences[1:]))
+    for min_confidence in (0.5, 0.0):
+        graph = occlusion_graph(pred, min_confidence=min_confidence)
+        ref = reference_graph(pred, expected_pairs, expected_evidence,
+                              min_confidence=min_confidence)
+        assert_graph_is_reference(graph, ref, pred.scores)
+    # The labels alone are another graph, matched by the label reference.
+    labels_only = dataclasses.replace(pred, probs=None)
+    label_pairs, label_pixels = reference_pair_overlaps(pred.rois, pred.crops)
+    assert_graph_is_reference(occlusion_graph(labels_only),
+                              reference_graph(pred, label_pairs, label_pixels), pred.scores)
 
 
 def test_crowded_scenes_have_cycles_to_break():
@@ -402,3 +626,184 @@ def test_labels_other_than_visible_and_hidden_count_as_background(monkeypatch):
             monkeypatch.setattr(occlusion, "LOOP_PIXELS", loop)
             pairs, pixels = pair_overlaps(pred.rois, crops)
             assert np.array_equal(pairs, expected[0]) and np.array_equal(pixels, expected[1])
+
+
+# ------------------------------------------------------------- evidence from probabilities
+def prob_prediction(rois, crops, probs, scores, size=(40, 60)):
+    """A Prediction of hand-made rois, label crops and probability crops (uint8 [2, h, w])."""
+    rois = np.asarray(rois, np.int32).reshape(-1, 4)
+    n = len(rois)
+    boxes = np.concatenate([rois[:, :2], rois[:, :2] + rois[:, 2:]], 1).astype(np.float32)
+    return Prediction(boxes=boxes, scores=np.asarray(scores, np.float32),
+                      labels=np.ones(n, np.int64), class_names=["object"] * n, rois=rois,
+                      crops=[np.asarray(c, np.uint8) for c in crops], image_size=size,
+                      probs=[np.asarray(p, np.uint8) for p in probs])
+
+
+def faint_overlap():
+    """A (roi x 0..20, y 0..20): amodal 1, visible 0.8 everywhere. B (roi x 10..40): sure
+    and visible on x 20..40, and reaching under A on x 10..20 with amodal 0.4 and visible
+    0.2 only. Thresholded at 0.5, B's mask ends at x = 20, where A's roi ends: the label
+    crops share no object pixel, the probabilities share 20 x 10 = 200 pixels."""
+    a_probs = np.stack([np.full((20, 20), 255), np.full((20, 20), 204)])  # 1.0, 0.8
+    b_probs = np.full((2, 20, 30), 255)
+    b_probs[0, :, :10], b_probs[1, :, :10] = 102, 51                     # 0.4, 0.2
+    a_crop = np.ones((20, 20))
+    b_crop = np.ones((20, 30))
+    b_crop[:, :10] = 0  # amodal 0.4 < 0.5: background
+    # B is the more confident detection.
+    return prob_prediction([(0, 0, 20, 20), (10, 0, 30, 20)], [a_crop, b_crop],
+                           [a_probs, b_probs], [0.6, 0.9])
+
+
+def test_probabilities_decide_a_pair_the_labels_cannot():
+    pred = faint_overlap()
+    # e(A, B) = 200 * p_vis(A) * p_amodal(B) * (1 - p_vis(B)) = 200 * 0.8 * 0.4 * 0.8;
+    # e(B, A) = 200 * 0.2 * 1.0 * (1 - 0.8).
+    e_ab, e_ba = 200 * 0.8 * 0.4 * 0.8, 200 * 0.2 * 1.0 * 0.2
+    assert (e_ab, e_ba) == pytest.approx((51.2, 8.0))
+    pairs, evidence = pair_evidence(pred.rois, pred.crops, pred.probs)
+    assert pairs.tolist() == [[0, 1], [1, 0]]
+    assert evidence.tolist() == pytest.approx([e_ab, e_ba], rel=1e-6)
+    graph = occlusion_graph(pred)
+    p_ab, p_ba = e_ab / (e_ab + e_ba + 2), e_ba / (e_ab + e_ba + 2)  # 0.837, 0.131
+    assert graph.edges.tolist() == [[0, 1]]
+    assert graph.confidence.tolist() == pytest.approx([p_ab], rel=1e-6)
+    assert graph.overlap_pixels.tolist() == [51]
+    # Ratio to B's amodal area, the 20 x 20 pixels of its label crop.
+    assert graph.overlap_ratio.tolist() == pytest.approx([e_ab / 400], rel=1e-6)
+    assert graph.free_probability.tolist() == pytest.approx([1 - p_ba, 1 - p_ab], rel=1e-6)
+    assert graph.layers.tolist() == [0, 1]
+    assert graph.pick_order.tolist() == [0, 1]  # A first although B has the higher score
+    # Thresholds apply to the fractional evidence.
+    assert occlusion_graph(pred, min_overlap_pixels=51).edges.tolist() == [[0, 1]]
+    assert occlusion_graph(pred, min_overlap_pixels=52).edges.shape == (0, 2)
+    assert occlusion_graph(pred, min_confidence=0.83).edges.tolist() == [[0, 1]]
+    assert occlusion_graph(pred, min_confidence=0.84).edges.shape == (0, 2)
+
+    # The labels alone give no evidence at all, even with every threshold at 0.
+    labels_only = dataclasses.replace(pred, probs=None)
+    assert pair_evidence(labels_only.rois, labels_only.crops)[0].shape == (0, 2)
+    for graph in (occlusion_graph(labels_only), occlusion_graph(labels_only, 0, 0.0, 0.0)):
+        assert graph.edges.shape == (0, 2)
+        assert graph.free_probability.tolist() == [1.0, 1.0]
+        assert graph.pick_order.tolist() == [1, 0]  # by score
+
+
+def test_confidence_from_evidence_both_ways():
+    # Same 10 x 10 roi. A: amodal 1, visible 0.6; B: amodal 1, visible 0.4.
+    # e(A, B) = 100 * 0.6 * 1 * 0.6 = 36, e(B, A) = 100 * 0.4 * 1 * 0.4 = 16.
+    ones = np.ones((10, 10))
+    pred = prob_prediction([(5, 5, 10, 10)] * 2, [ones, 2 * ones],  # labels: A 1, B 2
+                           [np.stack([255 * ones, 153 * ones]),
+                            np.stack([255 * ones, 102 * ones])], [0.5, 0.5])
+    pairs, evidence = pair_evidence(pred.rois, pred.crops, pred.probs)
+    assert pairs.tolist() == [[0, 1], [1, 0]]
+    assert evidence.tolist() == pytest.approx([36, 16], rel=1e-6)
+    graph = occlusion_graph(pred)
+    assert graph.edges.tolist() == [[0, 1]]
+    assert graph.confidence.tolist() == pytest.approx([36 / 54], rel=1e-6)
+    assert graph.free_probability.tolist() == pytest.approx([1 - 16 / 54, 1 - 36 / 54],
+                                                            rel=1e-6)
+    assert graph.overlap_pixels.tolist() == [36]
+    # The prior: none gives 36 / 52; a large one leaves the pair undecided (36 / 92 < 0.5).
+    assert occlusion_graph(pred, prior_pixels=0).confidence.tolist() == pytest.approx(
+        [36 / 52], rel=1e-6)
+    undecided = occlusion_graph(pred, prior_pixels=40)
+    assert undecided.edges.shape == (0, 2)
+    assert undecided.free_probability.tolist() == pytest.approx([1 - 16 / 92, 1 - 36 / 92],
+                                                                rel=1e-6)
+    assert occlusion_graph(pred, min_confidence=0.7).edges.shape == (0, 2)
+    # The hard labels say A lies on B for sure: 100 px one way, none back.
+    labels = occlusion_graph(dataclasses.replace(pred, probs=None))
+    assert labels.edges.tolist() == [[0, 1]]
+    assert labels.confidence.tolist() == pytest.approx([100 / 102])
+    # edge_confidence itself, on scalars and arrays; no evidence at all and no prior: 0.
+    assert float(edge_confidence(36, 16)) == pytest.approx(36 / 54)
+    assert float(edge_confidence(36, 16, 0)) == pytest.approx(36 / 52)
+    assert float(edge_confidence(0, 0, 0)) == 0.0
+    assert edge_confidence([30, 25], [25, 30]).tolist() == pytest.approx([30 / 57, 25 / 57])
+
+
+def test_free_probability_of_three_instances():
+    # 0 lies on 2 (30 px), 1 lies on 2 (10 px), 2 covers 5 px of 0; 0 and 1 do not meet.
+    size = (40, 80)
+    masks = [labelled((10, 0, 30, 20), [(25, 10, 30, 11)], size),
+             labelled((50, 0, 70, 10), [], size),
+             labelled((20, 0, 60, 20), [(20, 0, 30, 3), (50, 0, 55, 2)], size)]
+    pred = prediction_from_masks(masks, [0.9, 0.3, 0.5], size)
+    pairs, pixels = pair_overlaps(pred.rois, pred.crops)
+    assert dict(zip(map(tuple, pairs.tolist()), pixels.tolist())) == {
+        (0, 2): 30, (2, 0): 5, (1, 2): 10}
+    # P(0 on 2) = 30/37, P(2 on 0) = 5/37, P(1 on 2) = 10/12.
+    free = [1 - 5 / 37, 1.0, (1 - 30 / 37) * (1 - 10 / 12)]
+    graph = occlusion_graph(pred)
+    assert graph.edges.tolist() == [[0, 2], [1, 2]]
+    assert graph.confidence.tolist() == pytest.approx([30 / 37, 10 / 12])
+    assert graph.free_probability.tolist() == pytest.approx(free)
+    # 1 (free for sure) before 0 (0.86) despite the scores, 2 last.
+    assert graph.pick_order.tolist() == [1, 0, 2]
+    # Free probability counts every pair with evidence, kept as an edge or not.
+    none_kept = occlusion_graph(pred, min_confidence=0.99)
+    assert none_kept.edges.shape == (0, 2)
+    assert none_kept.free_probability.tolist() == pytest.approx(free)
+    assert none_kept.pick_order.tolist() == [1, 0, 2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pick_order_takes_the_likeliest_free_and_respects_every_edge(seed):
+    rng = np.random.default_rng(300 + seed)
+    pred = clustered_prediction_with_probs(rng, int(rng.integers(3, 20)))
+    n = len(pred)
+    for kwargs in ({}, dict(min_confidence=0.0), dict(min_overlap_pixels=20)):
+        graph = occlusion_graph(pred, **kwargs)
+        order = graph.pick_order.tolist()
+        assert sorted(order) == list(range(n))
+        where = positions(order)
+        for a, b in graph.edges.tolist():
+            assert where[a] < where[b], (a, b)
+        # Each pick is, of the instances no edge from an unpicked one lies on, the one
+        # most likely free (then the higher score).
+        free, scores = graph.free_probability, pred.scores
+        for rank, i in enumerate(order):
+            left = set(order[rank:])
+            open_now = [j for j in left if not any(a in left and b == j
+                                                   for a, b in graph.edges.tolist())]
+            assert i in open_now
+            assert (free[i], scores[i]) == max((free[j], scores[j]) for j in open_now)
+        assert np.all((free > 0) & (free <= 1))
+
+
+def test_probability_crops_of_the_wrong_shape_are_rejected():
+    pred = faint_overlap()
+    a, b = pred.probs
+    cases = [([a], r"probs: 1 probability crops for 2 rois"),
+             ([a, b[0]], r"probs\[1\]: shape \(20, 30\) is not 2 x the roi's height x "
+                         r"width \(20, 30\)"),
+             ([a[:, :, :-1], b], r"probs\[0\]: shape \(2, 20, 19\)"),
+             ([a, np.concatenate([b, b[:1]])], r"probs\[1\]: shape \(3, 20, 30\)"),
+             ([a, b.transpose(0, 2, 1)], r"probs\[1\]: shape \(2, 30, 20\)")]
+    for probs, message in cases:
+        with pytest.raises(InputError, match=message):
+            pair_evidence(pred.rois, pred.crops, probs)
+        with pytest.raises(InputError, match=message):
+            occlusion_graph(dataclasses.replace(pred, probs=probs))
+
+
+def test_empty_and_single_predictions_with_probabilities():
+    empty = Prediction.empty(IMAGE)
+    assert empty.probs == []
+    graph = occlusion_graph(empty)
+    assert graph.edges.shape == (0, 2) and graph.pick_order.shape == (0,)
+    assert graph.free_probability.shape == (0,) and not graph.has_cycle
+    pairs, evidence = pair_evidence(empty.rois, empty.crops, [])
+    assert pairs.shape == (0, 2) and evidence.shape == (0,)
+    one = prob_prediction([(3, 4, 6, 5)], [np.ones((5, 6))],
+                          [np.stack([np.full((5, 6), 255), np.full((5, 6), 60)])], [0.7])
+    graph = occlusion_graph(one)
+    assert graph.edges.shape == (0, 2) and graph.dropped_edges.shape == (0, 2)
+    assert graph.pick_order.tolist() == [0] and graph.layers.tolist() == [0]
+    assert graph.free_probability.tolist() == [1.0]
+    # One instance still has its probabilities checked.
+    with pytest.raises(InputError, match=r"probs\[0\]"):
+        occlusion_graph(dataclasses.replace(one, probs=[np.zeros((2, 5, 5), np.uint8)]))

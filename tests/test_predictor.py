@@ -212,6 +212,30 @@ def test_label_crops_resample_mask_geometry():
     assert crops[0][3].tolist() == [0, 1, 1, 1, 1, 0, 0, 0, 0]
 
 
+def test_label_crops_probabilities_hand_computed():
+    # The geometry of the test above: columns 0..7 of rows 1..6 have p = 0.75, 1, 1, 0.75,
+    # 0.25, 0, 0, 0 (logit 30: sigmoid = 1); rows 0 and 7 centre a quarter cell beyond the
+    # mask, so 0.75 times that. Quantised: round(255 * p).
+    logits = torch.full((1, 4, 4), -30.0)
+    logits[0, :, :2] = 30.0
+    rois, crops, probs = label_crops(torch.tensor([[0.0, 0.0, 8.0, 8.0]]), logits, -logits,
+                                     (8, 8), with_probs=True)
+    assert probs[0].dtype == torch.uint8 and tuple(probs[0].shape) == (2, 8, 8)
+    # The visible mask is the mirror image (right half 1): zero padding on its right edge.
+    columns = np.array([0.75, 1, 1, 0.75, 0.25, 0, 0, 0])
+    for row in range(8):
+        weight = 0.75 if row in (0, 7) else 1.0
+        assert probs[0][0, row].tolist() == np.round(255 * weight * columns).tolist()
+        assert probs[0][1, row].tolist() == np.round(255 * weight * columns[::-1]).tolist()
+    # The labels are those of the call without probabilities.
+    _, plain = label_crops(torch.tensor([[0.0, 0.0, 8.0, 8.0]]), logits, -logits, (8, 8))
+    assert torch.equal(crops[0], plain[0])
+    # Outside the image nothing is visible: p_visible is 0 there.
+    _, _, probs = label_crops(torch.tensor([[-4.0, 0.0, 4.0, 8.0]]), logits, logits, (8, 8),
+                              with_probs=True)
+    assert not probs[0][1, :, :4].any() and probs[0][1, :, 4:].any()
+
+
 def test_prediction_properties_and_paste_crops():
     crop_a = np.array([[2, 2, 1], [2, 1, 1]], np.uint8)  # roi at x = -2: first 2 columns out
     crop_b = np.array([[0, 1], [2, 0]], np.uint8)

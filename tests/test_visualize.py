@@ -29,7 +29,9 @@ def graph_with_order(order):
     n = len(order)
     empty = np.zeros((0, 2), np.int64)
     return OcclusionGraph(edges=empty, overlap_pixels=np.zeros(0, np.int64),
-                          overlap_ratio=np.zeros(0, np.float32), layers=np.zeros(n, np.int64),
+                          overlap_ratio=np.zeros(0, np.float32),
+                          confidence=np.zeros(0, np.float32), layers=np.zeros(n, np.int64),
+                          free_probability=np.ones(n, np.float32),
                           pick_order=np.asarray(order, np.int64), has_cycle=False,
                           dropped_edges=empty)
 
