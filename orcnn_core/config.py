@@ -159,23 +159,10 @@ class ModelConfig:
     def small(cls, **changes) -> "ModelConfig":
         """The CPU configuration: ResNet-18-FPN, 320 px shorter side, 128-wide FPN and heads.
 
-        Measured on 2 shared CPU cores, 1 thread (benchmarks/bench_model.py --threads 1
-        --backbones resnet18_fpn,mobilenet_v3_fpn,resnet50_fpn: 320x240, 300/100 RPN
-        proposals, 30 detections), ORCNN inference / one training step, when this preset was
-        chosen (before the channels-last inference layout; current figures in
-        docs/performance.md):
-
-            resnet18_fpn      185 ms / 294 ms   16.8 M parameters
-            mobilenet_v3_fpn  113 ms / 177 ms    8.3 M
-            resnet50_fpn      272 ms / 550 ms   29.5 M
-
-        MobileNetV3 is faster per step but learns less per second on small objects: its
-        torchvision FPN sees only stride-32 maps. On the overfit task of
-        tests/test_predictor.py (two 96 x 96 scenes, objects about 40 px, one cut by the
-        border), ResNet-18-FPN found all 4 objects (mask IoU 0.95-0.97) after 100 Adam
-        steps in 18 s; MobileNetV3-FPN after 200 steps in 19 s found 3 (IoU 0.84-0.93) and
-        missed the truncated one. ResNet-18-FPN also keeps the paper backbones' 5-level FPN
-        (same anchors and key layout as ResNet-50/101-FPN).
+        ResNet-18-FPN rather than the faster MobileNetV3-FPN: torchvision's MobileNetV3 FPN
+        sees only stride-32 maps and learns less per second on small objects, while
+        ResNet-18-FPN keeps the paper backbones' 5-level FPN (same anchors and key layout as
+        ResNet-50/101-FPN). The measurements behind the choice are in docs/performance.md.
         """
         base = dict(
             backbone="resnet18_fpn",

@@ -194,13 +194,6 @@ class ORCNNRoIHeads(RoIHeads):
         self.independent = independent
         self.box_clip_margin = box_clip_margin
 
-    def check_targets(self, targets):
-        super().check_targets(targets)
-        for t in targets:
-            for key in ("amodal_masks", "visible_masks"):
-                if key not in t:
-                    raise ValueError(f"every target needs an {key!r} entry")
-
     def mask_logits(self, features, boxes, image_shapes):
         """Amodal and visible logits [R, C, M, M] of the boxes (visible is None for
         amodal_mrcnn)."""
