@@ -49,23 +49,6 @@ IMAGE_TOPIC = "/bench/image"
 DIAGNOSTICS_PERIOD = 0.25
 
 
-def tiny_model(path: Path) -> Path:
-    """An untrained model (160 x 120 input) that keeps 20 detections at score threshold 0."""
-    import torch
-
-    from orcnn_core.config import ModelConfig
-    from orcnn_core.model import build_model
-    from orcnn_core.weights import save_weights
-
-    torch.manual_seed(0)
-    cfg = ModelConfig.small(
-        num_classes=3, class_names=["box", "can"], min_size=120, max_size=160,
-        fpn_channels=32, box_head_dim=64, mask_head_channels=32, rpn_pre_nms_top_n_test=50,
-        rpn_post_nms_top_n_test=20, box_detections_per_img=20, box_score_thresh=0.0)
-    save_weights(build_model(cfg), cfg, path)
-    return path
-
-
 def model_file(name: str):
     """The weights file ``--model`` names; None for the tiny model (made later)."""
     if name == "tiny":
@@ -319,6 +302,8 @@ def main(argv=None) -> int:
     from orcnn_core.synth import SynthConfig, generate_samples
 
     work = Path(tempfile.mkdtemp(prefix="orcnn_bench_node_"))
+    from orcnn_ros.soak import tiny_model
+
     model = model or tiny_model(work / "tiny.safetensors")
     scene = next(iter(generate_samples(1, 5, SynthConfig(width=args.width,
                                                          height=args.height)))).image
