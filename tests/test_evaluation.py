@@ -509,3 +509,59 @@ def test_cli_bad_input_from_the_console_has_no_traceback(tmp_path):
         assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
         assert not (tmp_path / "m.json").exists()
     assert "nope.json: cannot read" in result.stderr
+
+
+def published_order_case(with_order=True):
+    """Three objects: A (id 1) lies on B (id 2) and on C (id 3); B lies on C only where A
+    covers both (a relation the masks cannot show). Detections: A and B as in the GT, C
+    claiming to be fully visible, and a false positive apart. The ``order`` entries are
+    what the node would have published: the false positive first, A on B, C on B (wrong)."""
+    a = box(SHAPE, 10, 10, 20, 30)
+    b = box(SHAPE, 0, 0, 20, 20)
+    c = box(SHAPE, 10, 15, 30, 35)
+    b_visible, c_visible = b & (1 - a), c & (1 - a)
+    gt = gt_file([{"id": 1, "width": 40, "height": 40}],
+                 [gt_ann(1, 1, a, a), gt_ann(2, 1, b, b_visible), gt_ann(3, 1, c, c_visible)],
+                 relations=[(1, 1, 2), (1, 1, 3), (1, 2, 3)])
+    false_positive = box(SHAPE, 32, 0, 38, 6)
+    # Listed C, FP, A, B: "index" is the instance's place in the published message.
+    entries = [(pred(1, c, c, 0.8), {"index": 2, "pick_rank": 2, "free_probability": 0.9,
+                                     "lies_on": [[1, 0.55]]}),
+               (pred(1, false_positive, false_positive, 0.3),
+                {"index": 3, "pick_rank": 0, "free_probability": 1.0, "lies_on": []}),
+               (pred(1, a, a, 0.9), {"index": 0, "pick_rank": 1, "free_probability": 1.0,
+                                     "lies_on": [[1, 0.97]]}),
+               (pred(1, b, b_visible, 0.7), {"index": 1, "pick_rank": 3,
+                                             "free_probability": 0.01, "lies_on": []})]
+    predictions = []
+    for entry, order in entries:
+        if with_order:
+            entry["order"] = order
+        predictions.append(entry)
+    return evaluation.evaluate_loaded(gt, predictions)["published_order"]
+
+
+def test_published_order_from_order_entries_and_from_masks():
+    counts = {"images": 1, "edges_judged": 2, "relations": 3, "pairs": 2,
+              "pairs_not_shown": 1, "picks": 3}
+    # Published edges A -> B (right) and C -> B (wrong); relations A on B (shown, found),
+    # A on C (shown, missed), B on C (not shown, missed). Picks FP (matches nothing), A
+    # (free), C (B still on it).
+    published = published_order_case()
+    assert published["model"] == {
+        "edge_precision": 1 / 2, "edge_recall": 1 / 3, "pair_accuracy": 1 / 2,
+        "first_pick_free": 0.0, "first3_free": 1 / 3, **counts}
+    # Without order entries the node's rule runs on the predicted masks: A's visible part
+    # covers 100 hidden pixels of B, C's 50 (C has no hidden part): edges A -> B and
+    # C -> B again; A, C and FP are free for sure, by score A (0.9), C (0.8), FP (0.3).
+    # Same edges, but the first pick is now A, a free object.
+    from_masks = published_order_case(with_order=False)
+    assert from_masks["model"] == {
+        "edge_precision": 1 / 2, "edge_recall": 1 / 3, "pair_accuracy": 1 / 2,
+        "first_pick_free": 1.0, "first3_free": 1 / 3, **counts}
+    # The GT masks through the same rule: A -> B (100 px), A -> C (150 px), nothing shows
+    # B on C; picks A, then B (free 2/102) before C (2/152), each free when picked.
+    for result in (published, from_masks):
+        assert result["gt_masks"] == {
+            "edge_precision": 1.0, "edge_recall": 2 / 3, "pair_accuracy": 1.0,
+            "first_pick_free": 1.0, "first3_free": 1.0, **counts}
