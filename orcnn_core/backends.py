@@ -33,8 +33,9 @@ The fixed-size back-ends (torchscript, onnxruntime, tensorrt) build a graph on t
 frame of each image size, and again when the inference limits of the model (score
 threshold, NMS threshold, detection cap; set by
 :meth:`orcnn_core.predictor.Predictor.set_limits`) change, because they are constants of
-the graph. Each new graph is compared with the eager model on the frame that asked for it
-(:data:`orcnn_core.export.TOLERANCES`) before it is used. At most :data:`MAX_GRAPHS` graphs
+the graph. Each new graph is compared with the eager model on a fixed synthetic scene of
+that size (:func:`orcnn_core.synth.check_scene`, :data:`orcnn_core.export.TOLERANCES`)
+before it is used. At most :data:`MAX_GRAPHS` graphs
 are kept, least recently used dropped. A build takes seconds (docs/performance.md); each is
 logged and listed in ``backend.builds``. A failed build is not retried for the same key:
 later calls raise a RuntimeError that repeats its message. These back-ends suit a camera
@@ -54,6 +55,7 @@ import torch
 
 from orcnn_core.errors import InputError
 from orcnn_core.export import TOLERANCES, FixedSizeORCNN, export_onnx_checked
+from orcnn_core.synth import check_scene
 
 __all__ = ["BACKENDS", "REFUSED", "MAX_GRAPHS", "BackendError", "Build", "EagerBackend",
            "TorchScriptBackend", "OnnxRuntimeBackend", "TensorRTBackend", "create_backend",
@@ -188,13 +190,13 @@ class _FixedSizeBackend:
         key = self._key(height, width)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._build_and_keep(key, image)
+            graph = self._build_and_keep(key)
         else:
             self._graphs.move_to_end(key)
         return self._run(graph, image)
 
-    def _build_and_keep(self, key: tuple, image: torch.Tensor):
-        """Build the graph for ``key`` (checked on ``image``), log it and cache it."""
+    def _build_and_keep(self, key: tuple):
+        """Build the graph for ``key``, log it and cache it."""
         height, width = key[:2]
         if key in self._failed:  # a build costs seconds: not again for every frame
             raise RuntimeError(f"{self.describe()} back-end: no graph for {width}x{height} "
@@ -207,7 +209,7 @@ class _FixedSizeBackend:
             # is what proves each graph right.
             warnings.simplefilter("ignore")
             try:
-                graph = self._build(image.clone())
+                graph = self._build(height, width)
             except Exception as exc:
                 self._failed[key] = str(exc)
                 while len(self._failed) > MAX_FAILED:
@@ -223,10 +225,15 @@ class _FixedSizeBackend:
             self._graphs.popitem(last=False)
         return graph
 
-    def _build(self, image: torch.Tensor):
-        """The graph for images of ``image``'s size, checked against the eager model on
-        ``image`` itself (the frame that asked for it)."""
+    def _build(self, height: int, width: int):
+        """The graph for ``height`` x ``width`` images, checked against the eager model on
+        :func:`orcnn_core.synth.check_scene` (a fixed scene with objects, so that a failed
+        check is a property of the graph, not of one camera frame)."""
         raise NotImplementedError
+
+    def _check_image(self, height: int, width: int) -> torch.Tensor:
+        scene = check_scene(height, width)
+        return torch.from_numpy(scene).to(self.device).permute(2, 0, 1).float().div(255)
 
     def _run(self, graph, image: torch.Tensor) -> dict:
         raise NotImplementedError
@@ -237,12 +244,12 @@ class TorchScriptBackend(_FixedSizeBackend):
 
     name = "torchscript"
 
-    def _build(self, image: torch.Tensor):
-        height, width = image.shape[-2:]
+    def _build(self, height: int, width: int):
+        image = self._check_image(height, width)
         traced = torch.jit.trace(FixedSizeORCNN(self.model, height, width), (image,),
                                  check_trace=False)
         graph = torch.jit.freeze(traced)
-        # The trace records one run; the comparison shows it generalises to the frame's
+        # The trace records one run; the comparison shows it generalises to the scene's
         # detections (tracing a branch that depends on the data would fail here).
         report = compare_detections(self.model([image])[0], self._run(graph, image))
         problems = _problems(report, TOLERANCES)
@@ -282,23 +289,22 @@ class OnnxRuntimeBackend(_FixedSizeBackend):
         names = [p[0] if isinstance(p, tuple) else p for p in self.providers]
         return f"{self.name} ({names[0]})"
 
-    def _build(self, image: torch.Tensor):
+    def _build(self, height: int, width: int):
         import onnxruntime
 
-        height, width = image.shape[-2:]
         # The export runs on the CPU; a model on the GPU is exported from a CPU copy, made
         # per build so that it carries the model's current inference limits.
         source = self.model if self.device.type == "cpu" \
             else copy.deepcopy(self.model).to("cpu").eval()
-        # The frame back to the uint8 image it came from (the Predictor divided it by 255).
-        frame = (image * 255).round_().clamp_(0, 255).byte().permute(1, 2, 0).cpu().numpy()
-        data, _report, session = export_onnx_checked(source, height, width, check_image=frame)
+        scene = check_scene(height, width)
+        data, _report, session = export_onnx_checked(source, height, width, check_image=scene)
         if self.providers != ["CPUExecutionProvider"]:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = max(1, torch.get_num_threads())
             session = onnxruntime.InferenceSession(data, options, providers=self.providers)
             # GPU providers set up on the first run (TensorRT builds its engines then): do
             # it here, so that it counts as part of the build.
+            image = self._check_image(height, width)
             session.run(None, {"image": np.ascontiguousarray(image.cpu().numpy())})
         return session
 

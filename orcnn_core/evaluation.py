@@ -40,7 +40,8 @@ from orcnn_core.data import (
 from orcnn_core.errors import InputError
 from orcnn_core.fileio import atomic_write_json
 from orcnn_core.order_metrics import (ImageOrder, OrderCounts, graph_order, image_counts,
-                                      match_by_amodal_iou, prediction_from_masks, summarize)
+                                      match_by_amodal_iou, prediction_from_masks,
+                                      shown_relations, summarize)
 
 #: Detections with amodal IoU >= this with an ignored ground truth are ignored (paper 3.3).
 IGNORE_IOU = 0.5
@@ -189,6 +190,24 @@ def _read_predictions(predictions, images: dict, categories, name: str):
     return detections
 
 
+def _check_orders(found: list) -> None:
+    """The ``order`` entries of one image's detections must describe one graph: every
+    detection has one, indices and pick ranks are each a permutation of 0..n-1, and
+    ``lies_on`` names other detections of the image."""
+    where = f"predictions of image {found[0].image_id}: order"
+    if any(d.order is None for d in found):
+        raise InputError(f"{where}: given for some detections only (all or none)")
+    everyone = list(range(len(found)))
+    for k, name in ((0, "index"), (1, "pick_rank")):
+        if sorted(d.order[k] for d in found) != everyone:
+            raise InputError(f"{where}: the {name} values must be 0..{len(found) - 1}, each "
+                             f"once")
+    for d in found:
+        if any(j == d.order[0] or not 0 <= j < len(found) for j in d.order[2]):
+            raise InputError(f"{where}: lies_on of index {d.order[0]} names {d.order[2]}, "
+                             f"not other detections of the image")
+
+
 def _read_order(order, where: str) -> tuple:
     """(index, pick rank, [occludee index, ...]) of a result's ``order`` entry."""
     if not isinstance(order, dict):
@@ -198,9 +217,11 @@ def _read_order(order, where: str) -> tuple:
     lies_on = require_list(order, "lies_on", where)
     below = []
     for k, item in enumerate(lies_on):
-        if not isinstance(item, list) or not item or isinstance(item[0], bool) \
-                or not isinstance(item[0], int):
-            raise InputError(f"{where}: lies_on[{k}] must be [instance index, confidence]")
+        if not isinstance(item, list) or len(item) != 2 or isinstance(item[0], bool) \
+                or not isinstance(item[0], int) or not masks.is_number(item[1]) \
+                or not 0 <= item[1] <= 1:
+            raise InputError(f"{where}: lies_on[{k}] must be [instance index, confidence in "
+                             f"[0, 1]], got {masks.short_repr(item)}")
         below.append(item[0])
     return index, rank, below
 
@@ -409,13 +430,12 @@ def _relations_from_masks(gts: list) -> set:
     return relations
 
 
-def _order_accuracy(run_a: _MatrixEval, gts: list, dets: list, relations) -> dict:
+def _order_accuracy(run_a: _MatrixEval, gts: list, dets: list, relations: set,
+                    source: str) -> dict:
     """Accuracy of the predicted "who is on top" for GT relations whose both GTs are matched
     (amodal IoU >= ORDER_IOU, COCOeval's matching) and that the GT masks show (the upper
-    one's visible mask covers more of the lower one's invisible part than conversely)."""
-    source = "annotations" if relations is not None else "masks"
-    if relations is None:
-        relations = _relations_from_masks(gts)
+    one's visible mask covers more of the lower one's invisible part than conversely);
+    ``source`` says where the relations came from."""
     mutual = {pair for pair in relations if pair[::-1] in relations}
     tind = int(np.argmin(np.abs(run_a.params.iouThrs - ORDER_IOU)))
     match = {}
@@ -460,7 +480,7 @@ def _published_order(gts: list, dets: list, relations: set) -> dict:
         related = [(index[a], index[b]) for a, b in relations if a in index and b in index]
         amodal = np.stack([masks.decode(g.amodal) for g in group]).astype(bool)
         visible = np.stack([masks.decode(g.visible) for g in group]).astype(bool)
-        shown = [(a, b) for a, b in related if np.any(visible[a] & amodal[b] & ~visible[b])]
+        shown = shown_relations(related, amodal, visible)
         truth = prediction_from_masks(amodal, visible)
         gt_masks.add(image_counts(graph_order(truth), np.arange(len(group)), related, shown))
         found = dets_by_image.get(image_id, [])
@@ -473,10 +493,10 @@ def _published_order(gts: list, dets: list, relations: set) -> dict:
 def _detections_order(found: list) -> ImageOrder:
     """The published order of one image's detections: from their ``order`` entries when
     every detection has one, else by the node's rule on their (hard) masks."""
-    if found and all(d.order is not None for d in found):
+    if found and any(d.order is not None for d in found):
+        _check_orders(found)
         position = {d.order[0]: k for k, d in enumerate(found)}
-        edges = [(k, position[j]) for k, d in enumerate(found) for j in d.order[2]
-                 if j in position]
+        edges = [(k, position[j]) for k, d in enumerate(found) for j in d.order[2]]
         ranks = [d.order[1] for d in found]
         return ImageOrder(np.asarray(edges, np.int64).reshape(-1, 2),
                           np.argsort(ranks, kind="stable"))
@@ -515,9 +535,11 @@ def evaluate_loaded(gt, predictions: list, gt_name: str = "ground truth",
     metrics["occluded"] = ev.subset(occluded)
     iv = ev.run(ev.invisible_ious(occluded), occluded, iou_thresholds=[0.5])
     metrics["occluded"]["AP_IV50"] = _ap(iv)
-    metrics["order"] = _order_accuracy(runs["A"], gts, dets, relations)
-    metrics["published_order"] = _published_order(
-        gts, dets, relations if relations is not None else _relations_from_masks(gts))
+    source = "annotations" if relations is not None else "masks"
+    if relations is None:
+        relations = _relations_from_masks(gts)
+    metrics["order"] = _order_accuracy(runs["A"], gts, dets, relations, source)
+    metrics["published_order"] = _published_order(gts, dets, relations)
 
     levels = {"none": lambda g: g.rate == 0,
               "partial": lambda g: 0 < g.rate < HEAVY_OCCLUSION,

@@ -45,8 +45,8 @@ from orcnn_core.errors import InputError
 from orcnn_core.prediction import HIDDEN, VISIBLE
 
 __all__ = ["OcclusionGraph", "occlusion_graph", "pair_evidence", "pair_overlaps",
-           "edge_confidence", "MIN_OVERLAP_PIXELS", "MIN_OVERLAP_RATIO", "MIN_CONFIDENCE",
-           "PRIOR_PIXELS"]
+           "edge_confidence", "pick_ranks", "MIN_OVERLAP_PIXELS", "MIN_OVERLAP_RATIO",
+           "MIN_CONFIDENCE", "PRIOR_PIXELS"]
 
 #: Default edge thresholds and confidence prior (see the module doc; tuned on a validation
 #: seed of synthetic scenes with the bundled model, docs/evaluation.md).
@@ -124,6 +124,10 @@ def _check_crops(rois: np.ndarray, crops: list, probs) -> None:
     if probs is not None:
         if len(probs) != n:
             raise InputError(f"probs: {len(probs)} probability crops for {n} rois")
+        bad = [i for i, p in enumerate(probs) if np.asarray(p).dtype != np.uint8]
+        if bad:
+            raise InputError(f"probs[{bad[0]}]: dtype {np.asarray(probs[bad[0]]).dtype}, "
+                             f"expected uint8 (probability x 255)")
         bad = [i for i, p in enumerate(probs) if np.shape(p) != (2,) + expected[i]]
         if bad:
             raise InputError(f"probs[{bad[0]}]: shape {np.shape(probs[bad[0]])} is not 2 x "
@@ -215,7 +219,9 @@ def _window_sums(rois, visible, hidden, a, b, windows):
         shape_i, shape_j = (height[i], width[i]), (height[j], width[j])
         vis_i, hid_i = visible[i].reshape(shape_i)[in_i], hidden[i].reshape(shape_i)[in_i]
         vis_j, hid_j = visible[j].reshape(shape_j)[in_j], hidden[j].reshape(shape_j)[in_j]
-        sums[k] = (np.vdot(vis_i, hid_j), np.vdot(vis_j, hid_i))
+        # float64 sums, as in the gathered path: a threshold must not depend on the window.
+        sums[k] = (np.vdot(vis_i.astype(np.float64), hid_j),
+                   np.vdot(vis_j.astype(np.float64), hid_i))
     return sums
 
 
@@ -398,7 +404,8 @@ def occlusion_graph(prediction, min_overlap_pixels: float = MIN_OVERLAP_PIXELS,
     confidence = edge_confidence(evidence, _reverse_lookup(pairs, evidence, n), prior_pixels)
     amodal = np.asarray(prediction.amodal_areas, np.int64).reshape(n)
     ratios = (evidence / np.maximum(amodal[pairs[:, 1]], 1)).astype(np.float32)
-    free = _free_probability(n, pairs, confidence)
+    log_keep, log_free = _log_free(n, pairs, confidence)
+    all_pairs = pairs
     keep = (evidence >= min_overlap_pixels) & (ratios >= np.float32(min_overlap_ratio)) \
         & (confidence >= min_confidence)
     pairs, evidence, ratios, confidence = (pairs[keep], evidence[keep], ratios[keep],
@@ -419,8 +426,8 @@ def occlusion_graph(prediction, min_overlap_pixels: float = MIN_OVERLAP_PIXELS,
         overlap_ratio=ratios[kept].astype(np.float32),
         confidence=confidence[kept].astype(np.float32),
         layers=layers,
-        free_probability=free,
-        pick_order=_pick_order(n, edges, free, scores),
+        free_probability=np.exp(log_free).astype(np.float32),
+        pick_order=_pick_order(n, edges, all_pairs, log_keep, log_free, scores),
         has_cycle=bool(len(dropped)),
         dropped_edges=pairs[dropped].reshape(-1, 2).astype(np.int64),
     )
@@ -433,32 +440,61 @@ def _reverse_lookup(pairs: np.ndarray, evidence: np.ndarray, n: int) -> np.ndarr
     return table[pairs[:, 1], pairs[:, 0]]
 
 
-def _free_probability(n: int, pairs: np.ndarray, confidence: np.ndarray) -> np.ndarray:
-    """float32 [n]: probability that nothing lies on each instance, the pairs taken as
-    independent: the product over all others of (1 - confidence that it lies on this one)."""
-    log_free = np.zeros(n, np.float64)
-    np.add.at(log_free, pairs[:, 1], np.log1p(-np.minimum(confidence, 1 - 1e-12)))
-    return np.exp(log_free).astype(np.float32)
+def _log_free(n: int, pairs: np.ndarray, confidence: np.ndarray):
+    """Per pair log(1 - confidence) and per instance their sum, the log of the probability
+    that nothing lies on it (the pairs taken as independent)."""
+    log_keep = np.log1p(-np.minimum(confidence, 1 - 1e-12))
+    total = np.zeros(n, np.float64)
+    np.add.at(total, pairs[:, 1], log_keep)
+    return log_keep, total
 
 
-def _pick_order(n: int, edges: np.ndarray, free: np.ndarray, scores: np.ndarray):
-    """int64 [n]: a topological order of the (acyclic) graph that takes, among the instances
-    with nothing left on them, the most likely free first (ties: higher score, then lower
-    index). Removing objects in this order never removes one while the graph says that
-    something still lies on it."""
+def _pick_order(n: int, edges: np.ndarray, pairs: np.ndarray, log_keep: np.ndarray,
+                log_free: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """int64 [n]: a topological order of the (acyclic) kept ``edges`` that takes, among the
+    instances with nothing left on them, the most likely free first (ties: higher score,
+    then lower index), each pick removed before the next: its evidence on the others no
+    longer counts against them. Removing objects in this order never removes one while the
+    graph says that something still lies on it."""
+    log_free = log_free.copy()
     indegree = np.bincount(edges[:, 1], minlength=n) if len(edges) else np.zeros(n, np.int64)
     succ = [[] for _ in range(n)]
     for a, b in edges.tolist():
         succ[a].append(b)
-    key = [(-float(free[i]), -float(scores[i]), i) for i in range(n)]
-    ready = [key[i] for i in range(n) if indegree[i] == 0]
+    evidence_on = [[] for _ in range(n)]
+    for (a, b), term in zip(pairs.tolist(), log_keep.tolist()):
+        evidence_on[a].append((b, term))
+    version = [0] * n
+    ready = [(-log_free[i], -float(scores[i]), i, 0) for i in range(n) if indegree[i] == 0]
     heapq.heapify(ready)
-    order = []
+    order, picked = [], np.zeros(n, bool)
     while ready:
-        i = heapq.heappop(ready)[2]
+        _, _, i, seen = heapq.heappop(ready)
+        if picked[i] or seen != version[i]:
+            continue  # picked already, or its key changed since it was pushed
         order.append(i)
+        picked[i] = True
+        for j, term in evidence_on[i]:
+            if not picked[j]:
+                log_free[j] -= term
+                version[j] += 1
+                if indegree[j] == 0:
+                    heapq.heappush(ready, (-log_free[j], -float(scores[j]), j, version[j]))
         for j in succ[i]:
             indegree[j] -= 1
             if indegree[j] == 0:
-                heapq.heappush(ready, key[j])
+                heapq.heappush(ready, (-log_free[j], -float(scores[j]), j, version[j]))
     return np.asarray(order, np.int64)
+
+
+def pick_ranks(graph: OcclusionGraph) -> np.ndarray:
+    """int64 [N]: each instance's place in ``graph.pick_order`` (0 = pick first); raises
+    :class:`InputError` when the pick order is not a permutation of the instances."""
+    n = len(graph)
+    order = np.asarray(graph.pick_order, np.int64).reshape(-1)
+    if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+        raise InputError(f"pick_order must be a permutation of the {n} instances, got "
+                         f"{order.tolist()}")
+    ranks = np.empty(n, np.int64)
+    ranks[order] = np.arange(n)
+    return ranks

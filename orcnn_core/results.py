@@ -3,7 +3,7 @@
 import numpy as np
 
 from orcnn_core.masks import encode
-from orcnn_core.occlusion import OcclusionGraph, occlusion_graph
+from orcnn_core.occlusion import OcclusionGraph, occlusion_graph, pick_ranks
 from orcnn_core.prediction import HIDDEN, VISIBLE, Prediction
 
 
@@ -53,8 +53,7 @@ def _order_entries(prediction: Prediction, graph) -> list:
     confidence], ...]}`` (indices within the image's entries, in prediction order)."""
     if graph is None:
         graph = occlusion_graph(prediction)
-    rank = np.empty(len(prediction), np.int64)
-    rank[graph.pick_order] = np.arange(len(prediction))
+    rank = pick_ranks(graph)
     lies_on = [[] for _ in range(len(prediction))]
     for (a, b), c in zip(graph.edges.tolist(), graph.confidence.tolist()):
         lies_on[a].append([b, round(c, 6)])

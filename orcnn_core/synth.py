@@ -486,10 +486,23 @@ def generate_dataset(out_dir, num_images: int, seed: int, size=(320, 240),
             yield sample
 
     path = out / "annotations.json"
-    write_amodal_coco(written(), path, categories=cfg.categories,
-                      info={"description": "orcnn-core synth", "seed": seed,
-                            "width": cfg.width, "height": cfg.height})
+    try:
+        write_amodal_coco(written(), path, categories=cfg.categories,
+                          info={"description": "orcnn-core synth", "seed": seed,
+                                "width": cfg.width, "height": cfg.height})
+    except OSError as exc:  # disk full, file size limit: the failed write left nothing
+        raise InputError(f"{out}: cannot write {exc.filename or path} "
+                         f"({exc.strerror or exc}); {path.name} not written, the data set "
+                         f"is incomplete") from None
     return path
+
+
+def check_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A deterministic RGB uint8 scene of ``height`` x ``width``: objects a model trained on
+    this data set detects, so that a check of an exported graph against the eager model
+    compares real detections rather than empty outputs."""
+    return render_scene(np.random.default_rng([seed, 0]),
+                        SynthConfig(width=width, height=height)).image
 
 
 def parse_size(text: str) -> tuple:
