@@ -29,9 +29,10 @@ Layers. On the remaining (acyclic) graph, ``layers[i]`` is 0 when nothing lies o
 longest chain of objects stacked above it.
 
 Pick order. A topological order of the kept edges that takes, among the instances with
-nothing left on them, the most likely free first (ties: higher score, then lower index):
-the first entry is the object most likely to be pickable now, and removing objects in this
-order never removes one while the graph says that something still lies on it.
+nothing left on them, the most likely free first (ties: higher score, then lower index),
+each pick removed before the next (its evidence on the others no longer counts): the first
+entry is the object most likely to be pickable now, and removing objects in this order
+never removes one while the graph says that something still lies on it.
 """
 
 import heapq
@@ -404,8 +405,7 @@ def occlusion_graph(prediction, min_overlap_pixels: float = MIN_OVERLAP_PIXELS,
     confidence = edge_confidence(evidence, _reverse_lookup(pairs, evidence, n), prior_pixels)
     amodal = np.asarray(prediction.amodal_areas, np.int64).reshape(n)
     ratios = (evidence / np.maximum(amodal[pairs[:, 1]], 1)).astype(np.float32)
-    log_keep, log_free = _log_free(n, pairs, confidence)
-    all_pairs = pairs
+    terms = _occluder_terms(n, pairs, confidence)
     keep = (evidence >= min_overlap_pixels) & (ratios >= np.float32(min_overlap_ratio)) \
         & (confidence >= min_confidence)
     pairs, evidence, ratios, confidence = (pairs[keep], evidence[keep], ratios[keep],
@@ -426,8 +426,8 @@ def occlusion_graph(prediction, min_overlap_pixels: float = MIN_OVERLAP_PIXELS,
         overlap_ratio=ratios[kept].astype(np.float32),
         confidence=confidence[kept].astype(np.float32),
         layers=layers,
-        free_probability=np.exp(log_free).astype(np.float32),
-        pick_order=_pick_order(n, edges, all_pairs, log_keep, log_free, scores),
+        free_probability=np.exp([math.fsum(t.values()) for t in terms]).astype(np.float32),
+        pick_order=_pick_order(n, edges, terms, scores),
         has_cycle=bool(len(dropped)),
         dropped_edges=pairs[dropped].reshape(-1, 2).astype(np.int64),
     )
@@ -440,50 +440,57 @@ def _reverse_lookup(pairs: np.ndarray, evidence: np.ndarray, n: int) -> np.ndarr
     return table[pairs[:, 1], pairs[:, 0]]
 
 
-def _log_free(n: int, pairs: np.ndarray, confidence: np.ndarray):
-    """Per pair log(1 - confidence) and per instance their sum, the log of the probability
-    that nothing lies on it (the pairs taken as independent)."""
+def _occluder_terms(n: int, pairs: np.ndarray, confidence: np.ndarray) -> list:
+    """Per instance j, {i: log(1 - P(i lies on j))} over the instances with evidence on it.
+    The log of the probability that nothing lies on j is the sum of its terms (the pairs
+    taken as independent), computed with math.fsum: exact, so equal sets of terms give
+    equal sums and ties break by score, not by rounding."""
+    terms = [{} for _ in range(n)]
     log_keep = np.log1p(-np.minimum(confidence, 1 - 1e-12))
-    total = np.zeros(n, np.float64)
-    np.add.at(total, pairs[:, 1], log_keep)
-    return log_keep, total
+    for (i, j), term in zip(pairs.tolist(), log_keep.tolist()):
+        terms[j][i] = term
+    return terms
 
 
-def _pick_order(n: int, edges: np.ndarray, pairs: np.ndarray, log_keep: np.ndarray,
-                log_free: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def _pick_order(n: int, edges: np.ndarray, terms: list, scores: np.ndarray) -> np.ndarray:
     """int64 [n]: a topological order of the (acyclic) kept ``edges`` that takes, among the
     instances with nothing left on them, the most likely free first (ties: higher score,
     then lower index), each pick removed before the next: its evidence on the others no
     longer counts against them. Removing objects in this order never removes one while the
     graph says that something still lies on it."""
-    log_free = log_free.copy()
+    terms = [dict(t) for t in terms]
     indegree = np.bincount(edges[:, 1], minlength=n) if len(edges) else np.zeros(n, np.int64)
     succ = [[] for _ in range(n)]
     for a, b in edges.tolist():
         succ[a].append(b)
-    evidence_on = [[] for _ in range(n)]
-    for (a, b), term in zip(pairs.tolist(), log_keep.tolist()):
-        evidence_on[a].append((b, term))
+    lies_on = [[] for _ in range(n)]
+    for j, t in enumerate(terms):
+        for i in t:
+            lies_on[i].append(j)
     version = [0] * n
-    ready = [(-log_free[i], -float(scores[i]), i, 0) for i in range(n) if indegree[i] == 0]
+
+    def key(j):
+        return (-math.fsum(terms[j].values()), -float(scores[j]), j, version[j])
+
+    ready = [key(i) for i in range(n) if indegree[i] == 0]
     heapq.heapify(ready)
     order, picked = [], np.zeros(n, bool)
     while ready:
-        _, _, i, seen = heapq.heappop(ready)
+        i, seen = heapq.heappop(ready)[2:]
         if picked[i] or seen != version[i]:
             continue  # picked already, or its key changed since it was pushed
         order.append(i)
         picked[i] = True
-        for j, term in evidence_on[i]:
+        for j in lies_on[i]:
             if not picked[j]:
-                log_free[j] -= term
+                del terms[j][i]
                 version[j] += 1
                 if indegree[j] == 0:
-                    heapq.heappush(ready, (-log_free[j], -float(scores[j]), j, version[j]))
+                    heapq.heappush(ready, key(j))
         for j in succ[i]:
             indegree[j] -= 1
             if indegree[j] == 0:
-                heapq.heappush(ready, (-log_free[j], -float(scores[j]), j, version[j]))
+                heapq.heappush(ready, key(j))
     return np.asarray(order, np.int64)
 
 

@@ -553,14 +553,17 @@ def test_published_order_from_order_entries_and_from_masks():
         "first_pick_free": 0.0, "first3_free": 1 / 3, **counts}
     # Without order entries the node's rule runs on the predicted masks: A's visible part
     # covers 100 hidden pixels of B, C's 50 (C has no hidden part): edges A -> B and
-    # C -> B again; A, C and FP are free for sure, by score A (0.9), C (0.8), FP (0.3).
-    # Same edges, but the first pick is now A, a free object.
+    # C -> B again; A, C and FP are free for sure, B is not. Each pick is removed before
+    # the next: A (1, score 0.9), then C (1, 0.8; B still has C on it), then B, nothing
+    # left on it (1, 0.7), before FP (1, 0.3). Same edges, but the first pick is now A, a
+    # free object, and of the first three picks A and B are free (C has B on it): 2/3.
     from_masks = published_order_case(with_order=False)
     assert from_masks["model"] == {
         "edge_precision": 1 / 2, "edge_recall": 1 / 3, "pair_accuracy": 1 / 2,
-        "first_pick_free": 1.0, "first3_free": 1 / 3, **counts}
+        "first_pick_free": 1.0, "first3_free": 2 / 3, **counts}
     # The GT masks through the same rule: A -> B (100 px), A -> C (150 px), nothing shows
-    # B on C; picks A, then B (free 2/102) before C (2/152), each free when picked.
+    # B on C; picks A, then B and C, both free 1 once A is gone: the same score (GT masks
+    # score 1), so the lower index, B, goes first; each is free when picked.
     for result in (published, from_masks):
         assert result["gt_masks"] == {
             "edge_precision": 1.0, "edge_recall": 2 / 3, "pair_accuracy": 1.0,

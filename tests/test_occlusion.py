@@ -122,10 +122,11 @@ def test_hidden_parts_overlapping_each_other_make_no_edge():
     assert graph.edges.tolist() == [[2, 0], [2, 1]]
     assert graph.overlap_pixels.tolist() == [15 * 30, 20 * 30]
     assert graph.layers.tolist() == [1, 1, 0]
-    # Only c lies on each: free = 1 - P(c on it) = 2 / (e + 2). a (450 px under c) is
-    # likelier free than b (600 px) and goes first although b has the higher score.
+    # Only c lies on each: free = 1 - P(c on it) = 2 / (e + 2).
     assert graph.free_probability.tolist() == pytest.approx([2 / 452, 2 / 602, 1.0])
-    assert graph.pick_order.tolist() == [2, 0, 1]
+    # c goes first; once it is picked nothing is left on a or b: both are free with
+    # probability 1 (a's 2/452 no longer counts), so the score decides: b (0.6), then a.
+    assert graph.pick_order.tolist() == [2, 1, 0]
 
 
 def test_two_cycle_drops_the_weaker_edge():
@@ -201,9 +202,11 @@ def test_three_cycle_and_disconnected_groups():
     assert graph.confidence.tolist() == pytest.approx([50 / 52, 40 / 42, 400 / 402])
     assert graph.free_probability.tolist() == pytest.approx(
         [2 / 32, 2 / 52, 2 / 42, 2 / 402, 1, 1])
-    # Free now: 4 and 5 (both 1, by score), then 0; then 1 (2/52 = 0.038), freed by 0,
-    # beats 3 (0.005), freed by 4; then 2 (0.048), freed by 1, beats 3 again.
-    assert graph.pick_order.tolist() == [4, 5, 0, 1, 2, 3]
+    # Each pick is removed before the next. Open at first: 0 (2/32), 4 and 5 (both 1):
+    # 4 (0.95) by score. Then 3 is open and, 4 gone, free 1: 5 (0.7) and 3 (0.3) beat 0
+    # (2/32; the dropped edge 2 -> 0 still counts while 2 is left), 5 first by score.
+    # Then 0; then 1 (0 gone: free 1); then 2 (1 gone: free 1).
+    assert graph.pick_order.tolist() == [4, 5, 3, 0, 1, 2]
     # Raising the pixel threshold above the weakest ring edge removes the cycle instead.
     graph = occlusion_graph(pred, min_overlap_pixels=31, min_overlap_ratio=0.0)
     assert not graph.has_cycle and graph.dropped_edges.shape == (0, 2)
@@ -252,6 +255,30 @@ def test_pick_order_ties_break_by_score_then_index():
     assert occlusion_graph(swapped).pick_order.tolist() == [3, 1, 2, 0]
     same = prediction_from_masks([a, d], [0.5, 0.5])
     assert occlusion_graph(same).pick_order.tolist() == [0, 1]  # full tie: lower index
+
+
+def test_each_pick_is_removed_before_the_next():
+    # A (0) lies on B (1): A's visible part covers B's 100 hidden pixels, P = 100/102, an
+    # edge. D (3) covers 1 hidden pixel of C (2): P(D on C) = 1/3 < 0.5, evidence but no
+    # edge. Scores A 0.9, B 0.5, C 0.8, D 0.3.
+    size = (20, 80)
+    masks = [labelled((0, 0, 10, 10), [], size),
+             labelled((0, 0, 20, 10), [(0, 0, 10, 10)], size),
+             labelled((40, 0, 60, 10), [(40, 0, 41, 1)], size),
+             labelled((35, 0, 41, 5), [], size)]
+    pred = prediction_from_masks(masks, [0.9, 0.5, 0.8, 0.3], size)
+    pairs, pixels = pair_overlaps(pred.rois, pred.crops)
+    assert dict(zip(map(tuple, pairs.tolist()), pixels.tolist())) == {(0, 1): 100, (3, 2): 1}
+    graph = occlusion_graph(pred)
+    assert graph.edges.tolist() == [[0, 1]]
+    # Published, all four present: A 1, B 2/102, C 1 - 1/3 = 2/3, D 1.
+    assert graph.free_probability.tolist() == pytest.approx([1, 2 / 102, 2 / 3, 1])
+    # Open: A (1), C (2/3), D (1): A by score (0.9 > 0.3). A gone, B is open and nothing is
+    # left on it: free 1 (not 2/102); B (1, 0.5) ties D (1, 0.3) and wins by score, then D
+    # (1) beats C (2/3) although C has the higher score; C last (D gone: free 1).
+    assert graph.pick_order.tolist() == [0, 1, 3, 2]
+    # With the published (static) free probabilities B would have come last:
+    # [A, D (1), C (2/3), B (2/102)] = [0, 3, 2, 1].
 
 
 def brute_force_overlaps(pred, pad):
@@ -443,25 +470,45 @@ def reference_graph(pred, pairs, evidence, min_pixels=1.0, min_ratio=0.0,
     return {"edges": kept, "dropped": [candidates[k] for k in dropped],
             "evidence": [found[p] for p in kept], "confidence": [confidence[p] for p in kept],
             "ratio": [found[p] / max(amodal[p[1]], 1) for p in kept],
-            "layers": [layer(i) for i in range(n)], "free": free}
+            "layers": [layer(i) for i in range(n)], "free": free,
+            "pair_confidence": confidence}
 
 
-def reference_pick_order(edges, free, scores):
-    """Brute force: repeatedly take, of the instances nothing left lies on (by ``edges``),
-    the one with the highest (free probability, score, then lower index)."""
+#: Free probabilities of two instances open at the same step that differ by less than this
+#: (relative) but are not equal in the reference: rounding in the graph (float32 evidence,
+#: log sums) could order them either way, so the scenes must have none.
+NEAR_TIE = 1e-4
+
+
+def reference_pick_order(edges, pair_confidence, scores):
+    """Brute force, each pick removed before the next: repeatedly take, of the unpicked
+    instances no kept edge (``edges``) from an unpicked one lies on, the one with the
+    highest (free probability now, score, then lower index), where free probability now is
+    the product over the UNPICKED others k of (1 - P(k lies on it)), every pair of
+    ``pair_confidence`` (kept as an edge or not) counted, in float64. Fails on a near-tie
+    (see :data:`NEAR_TIE`)."""
     left, order = set(range(len(scores))), []
     while left:
         covered = {b for a, b in edges if a in left}
-        best = max(left - covered, key=lambda i: (free[i], scores[i], -i))
+        free = {}
+        for j in left - covered:
+            # The factors sorted: the same set of factors gives exactly the same product.
+            factors = sorted(1.0 - c for (k, b), c in pair_confidence.items()
+                             if b == j and k in left)
+            free[j] = 1.0
+            for f in factors:
+                free[j] *= f
+        best = max(free, key=lambda i: (free[i], scores[i], -i))
+        below = [f for f in free.values() if f != free[best]]
+        assert not below or max(below) < free[best] * (1 - NEAR_TIE), (order, free)
         order.append(best)
         left.remove(best)
     return order
 
 
 def assert_graph_is_reference(graph, ref, scores):
-    """``graph`` equals :func:`reference_graph`'s ``ref``; the pick order is checked by
-    brute force on the graph's own free probabilities (compared to the reference's first,
-    so float32 rounding cannot reorder near-ties)."""
+    """``graph`` equals :func:`reference_graph`'s ``ref``; the pick order is the brute force
+    :func:`reference_pick_order` on the reference's own (float64) confidences."""
     assert graph.edges.tolist() == [list(e) for e in ref["edges"]]
     assert graph.dropped_edges.tolist() == [list(e) for e in ref["dropped"]]
     assert graph.has_cycle == bool(ref["dropped"])
@@ -471,7 +518,7 @@ def assert_graph_is_reference(graph, ref, scores):
     assert graph.layers.tolist() == ref["layers"]
     np.testing.assert_allclose(graph.free_probability, ref["free"], rtol=1e-4, atol=1e-30)
     assert graph.pick_order.tolist() == reference_pick_order(
-        ref["edges"], graph.free_probability.tolist(), np.asarray(scores).tolist())
+        ref["edges"], ref["pair_confidence"], np.asarray(scores).tolist())
 
 
 def clustered_prediction(rng, n, size=(90, 120)):
@@ -755,6 +802,15 @@ def test_pick_order_takes_the_likeliest_free_and_respects_every_edge(seed):
     rng = np.random.default_rng(300 + seed)
     pred = clustered_prediction_with_probs(rng, int(rng.integers(3, 20)))
     n = len(pred)
+    pairs, evidence = pair_evidence(pred.rois, pred.crops, pred.probs)
+    evidence = dict(zip(map(tuple, pairs.tolist()), evidence.tolist()))
+    # P(k lies on j) for every pair with evidence, kept as an edge or not (prior 2).
+    on = {(k, j): e / (e + evidence.get((j, k), 0.0) + 2) for (k, j), e in evidence.items()}
+
+    def free_among(j, left):
+        """P(nothing lies on j), counting only the occluders k in ``left``."""
+        return float(np.prod([1 - c for (k, b), c in on.items() if b == j and k in left]))
+
     for kwargs in ({}, dict(min_confidence=0.0), dict(min_overlap_pixels=20)):
         graph = occlusion_graph(pred, **kwargs)
         order = graph.pick_order.tolist()
@@ -762,16 +818,23 @@ def test_pick_order_takes_the_likeliest_free_and_respects_every_edge(seed):
         where = positions(order)
         for a, b in graph.edges.tolist():
             assert where[a] < where[b], (a, b)
-        # Each pick is, of the instances no edge from an unpicked one lies on, the one
-        # most likely free (then the higher score).
         free, scores = graph.free_probability, pred.scores
+        # Published: with every instance present.
+        np.testing.assert_allclose(free, [free_among(j, range(n)) for j in range(n)],
+                                   rtol=1e-5, atol=1e-30)
+        assert np.all((free > 0) & (free <= 1))
+        # Each pick is, of the instances no edge from an unpicked one lies on, the one
+        # most likely free now, the instances picked before it removed (then the higher
+        # score): a float64 tie (1e-9 relative) goes to the score.
         for rank, i in enumerate(order):
             left = set(order[rank:])
             open_now = [j for j in left if not any(a in left and b == j
                                                    for a, b in graph.edges.tolist())]
             assert i in open_now
-            assert (free[i], scores[i]) == max((free[j], scores[j]) for j in open_now)
-        assert np.all((free > 0) & (free <= 1))
+            now = {j: free_among(j, left) for j in open_now}
+            assert now[i] >= max(now.values()) * (1 - 1e-9), (rank, i, now)
+            tied = [j for j in open_now if abs(now[j] - now[i]) <= 1e-9 * now[i]]
+            assert scores[i] == max(scores[j] for j in tied), (rank, i, tied)
 
 
 def test_probability_crops_of_the_wrong_shape_are_rejected():
