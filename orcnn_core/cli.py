@@ -42,6 +42,11 @@ def _add_train_parser(subparsers) -> None:
     sub.add_argument("--output-dir", metavar="DIR", help="overrides output_dir")
     sub.add_argument("--resume", action="store_true",
                      help="continue from OUTPUT_DIR/checkpoint_last.pt")
+    sub.add_argument("--force", action="store_true",
+                     help="start over in an output folder that holds an earlier run (a "
+                          "checkpoint_last.pt or log.jsonl): deletes its checkpoint, log, "
+                          "metrics.json and model_final.safetensors first; without --force "
+                          "or --resume such a folder is refused")
     sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set solver.lr=0.01 (repeatable)")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,7 +64,8 @@ def _run_train(args) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = load_train_config(args.config, overrides)
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, resume=args.resume, progress=not args.no_progress,
+                       force=args.force)
     except TrainingStopped as exc:
         print(f"orcnn-core train: stopped: {exc}", file=sys.stderr)
         return 1
@@ -121,8 +127,8 @@ def _run_evaluate(args) -> int:
     if missing:
         raise InputError(f"give --gt GT.json and --predictions PRED.json (or --weights and "
                          f"--data); missing {' and '.join(missing)}")
-    from orcnn_core.evaluation import run_evaluate
-    return run_evaluate(args.gt, args.predictions, args.out)
+    from orcnn_core.commands import run_evaluate_files
+    return run_evaluate_files(args.gt, args.predictions, args.out)
 
 
 def _add_predict_parser(subparsers) -> None:

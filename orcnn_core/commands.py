@@ -8,8 +8,11 @@ raises :class:`~orcnn_core.errors.InputError` naming the file or parameter. The 
 line (:mod:`orcnn_core.cli`) only parses arguments and calls the ``run_*`` functions here.
 """
 
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,20 +21,21 @@ import numpy as np
 
 from orcnn_core.data import load_dataset
 from orcnn_core.errors import InputError
-from orcnn_core.evaluation import evaluate_loaded, format_table
+from orcnn_core.evaluation import evaluate_loaded, format_table, run_evaluate
 from orcnn_core.export import (MAX_OPSET, MAX_SIZE, MIN_OPSET, MIN_SIZE, ExportCheckError,
                                export_onnx)
-from orcnn_core.fileio import atomic_write_bytes, atomic_write_json
+from orcnn_core.fileio import (TEMP_SUFFIX, atomic_write_bytes, atomic_write_json,
+                               check_not_an_input, check_regular_file)
 from orcnn_core.imageio import (check_decodable, check_output_file, check_writable_dir,
                                 encode_png, find_images, read_image)
 from orcnn_core.predictor import Predictor
 from orcnn_core.results import prediction_to_coco
-from orcnn_core.synth import SynthConfig, render_scene
+from orcnn_core.synth import check_scene
 from orcnn_core.visualize import draw_prediction
 from orcnn_core.weights import build_from_file
 
 __all__ = ["predict_file", "run_predict", "evaluate_weights", "run_evaluate_weights",
-           "run_export"]
+           "run_evaluate_files", "run_export"]
 
 
 # ------------------------------------------------------------------------------ model
@@ -46,8 +50,8 @@ class _GroundTruth:
     validated data set (records for evaluation, image sizes, mask padding, category order)
     and file name lookups."""
 
-    def __init__(self, path, images_dir=None):
-        self.path = Path(path)
+    def __init__(self, path, images_dir=None, what="--gt"):
+        self.path = check_regular_file(path, what)  # a FIFO would block the reader
         self.dataset = load_dataset(self.path, images_dir)  # validates the whole file
         self.images_dir = self.path.parent if images_dir is None else Path(images_dir)
         self.file_names = {r.image_id: r.file_name for r in self.dataset.records}
@@ -122,35 +126,89 @@ def predict_file(predictor, path, image_id: int, mask_padding: int = 0, category
 
 def _overlay_names(paths):
     """(overlay file name of each image, the images' common folder): the image's path
-    below that folder, as PNG (the full name + .png where two images would share one, e.g.
-    a.jpg and a.png)."""
+    below that folder, as PNG; the full name + .png where two images would share one (a.jpg
+    and a.png give a.jpg.png and a.png.png), and a number where even that is taken."""
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
     relative = [p.resolve().relative_to(root) for p in paths]
     names = [r.with_suffix(".png") for r in relative]
     counts = {}
     for name in names:
         counts[name] = counts.get(name, 0) + 1
-    return [r.with_name(r.name + ".png") if counts[n] > 1 else n
-            for r, n in zip(relative, names)], root
+    taken, unique = set(), []
+    for r, name in zip(relative, names):
+        if counts[name] > 1 or name in taken:
+            name = r.with_name(r.name + ".png")
+        number = 1
+        while name in taken:
+            number += 1
+            name = r.with_name(f"{r.name}.{number}.png")
+        taken.add(name)
+        unique.append(name)
+    return unique, root
 
 
-def run_predict(args) -> int:
-    """``orcnn-core predict``: overlays, ``predictions.json`` and (without ``--gt``)
-    ``images.json`` in ``args.out``."""
-    paths = find_images(args.images)
-    out = check_writable_dir(args.out, "--out")
-    gt = None
-    if args.gt is not None:
-        gt = _GroundTruth(args.gt)
-        indices = gt.match(paths)
-    check_decodable(paths)
-    predictor = _load_predictor(args.weights, args.device, args.score_thresh, args.backend)
-    if gt is not None:
-        gt.check_classes(predictor.config.class_names)
+#: What ``predict`` writes in its output folder; nothing else there is touched.
+PREDICT_OUTPUTS = ("overlays", "images.json", "predictions.json")
 
+
+def _check_predict_paths(args, paths) -> Path:
+    """Refuse, before any work, inputs that cannot be read and an output folder whose
+    writing would destroy an input: ``--out`` may neither be nor hold an image, and none of
+    its outputs may be the weights or the ground truth. Returns the (created) folder."""
+    check_regular_file(args.weights, "--weights")
+    out = Path(args.out)
+    images = [("--images", args.images)] if Path(args.images).is_dir() else []
+    check_not_an_input(out, images + [("--images", p) for p in paths], "--out", folder=True)
+    others = [("--weights", args.weights), ("--gt", args.gt)]
+    for name in PREDICT_OUTPUTS:
+        check_not_an_input(out / name, others, "--out", folder=(name == "overlays"))
+    return check_writable_dir(out, "--out")
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A temporary folder in ``out`` for a command's outputs, removed on exit whatever
+    happens; :func:`_publish` moves its contents into place on success."""
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=".predict-", suffix=TEMP_SUFFIX, dir=out))
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    try:
+        yield stage
+    except OSError as exc:  # a failed write: disk full, file size limit, permissions
+        where = exc.filename or stage
+        final = out / os.path.relpath(where, stage) if str(where).startswith(str(stage)) \
+            else where
+        raise InputError(f"--out {out}: cannot write {final} ({exc.strerror or exc}); "
+                         f"nothing written, earlier outputs there are unchanged") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the outputs of ``stage`` into ``out`` (renames in one file system), replacing
+    those of an earlier run (an output the new run has not got, e.g. images.json after
+    a run with --gt, is removed so that no mix remains); predictions.json comes last."""
+    old = stage / "replaced"
+    old.mkdir()
+    for name in PREDICT_OUTPUTS:
+        moved = os.path.lexists(out / name)
+        if moved:
+            os.replace(out / name, old / name)
+        try:
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+        except OSError:
+            if moved:  # put the earlier output back before the stage is removed
+                os.replace(old / name, out / name)
+            raise
+
+
+def _predict_images(predictor, paths, gt, indices, stage: Path):
+    """Run the model on every image; overlays go to ``stage/overlays``. Returns (COCO
+    results, images.json entries, the images' common folder)."""
     overlay_names, root = _overlay_names(paths)
     results, images = [], []
-    start = time.perf_counter()
     for k, (path, overlay_name) in enumerate(zip(paths, overlay_names)):
         if gt is None:
             image_id, padding, size, category_ids = k + 1, 0, None, None
@@ -162,21 +220,45 @@ def run_predict(args) -> int:
                                                   category_ids, size)
         results.extend(entries)
         overlay = draw_prediction(image, prediction, color_order="bgr")
-        atomic_write_bytes(out / "overlays" / overlay_name, encode_png(overlay))
+        atomic_write_bytes(stage / "overlays" / overlay_name, encode_png(overlay))
         images.append({"id": image_id, "file_name": str(path.resolve().relative_to(root)),
                        "width": int(image.shape[1]), "height": int(image.shape[0])})
-    took = time.perf_counter() - start
+    return results, images, root
 
-    atomic_write_json(out / "predictions.json", results)
-    written = [out / "predictions.json"]
-    if gt is None:
-        # Without a ground truth the image ids are 1..N in sorted file order; this file maps
-        # them back (COCO "images" entries relative to images_dir, and the categories).
-        categories = [{"id": k + 1, "name": name}
-                      for k, name in enumerate(predictor.config.class_names)]
-        atomic_write_json(out / "images.json", {"images_dir": str(root), "images": images,
-                                                "categories": categories}, indent=1)
-        written.append(out / "images.json")
+
+def run_predict(args) -> int:
+    """``orcnn-core predict``: overlays, ``predictions.json`` and (without ``--gt``)
+    ``images.json`` in ``args.out``. They are written to a temporary folder there and
+    moved into place only when every image succeeded: a failure leaves no output of this
+    run, and the earlier run's outputs are replaced as a whole, never mixed."""
+    paths = find_images(args.images)
+    out = _check_predict_paths(args, paths)
+    gt, indices = None, None
+    if args.gt is not None:
+        gt = _GroundTruth(args.gt)
+        indices = gt.match(paths)
+    check_decodable(paths)
+    predictor = _load_predictor(args.weights, args.device, args.score_thresh, args.backend)
+    if gt is not None:
+        gt.check_classes(predictor.config.class_names)
+
+    start = time.perf_counter()
+    with _staging(out) as stage:
+        results, images, root = _predict_images(predictor, paths, gt, indices, stage)
+        took = time.perf_counter() - start
+        atomic_write_json(stage / "predictions.json", results)
+        written = [out / "predictions.json"]
+        if gt is None:
+            # Without a ground truth the image ids are 1..N in sorted file order; this file
+            # maps them back (COCO "images" entries relative to images_dir, and the
+            # categories).
+            categories = [{"id": k + 1, "name": name}
+                          for k, name in enumerate(predictor.config.class_names)]
+            atomic_write_json(stage / "images.json", {"images_dir": str(root),
+                                                      "images": images,
+                                                      "categories": categories}, indent=1)
+            written.append(out / "images.json")
+        _publish(stage, out)
     print(f"{len(paths)} images, {len(results)} detections (score >= "
           f"{predictor.score_thresh:g}) in {took:.1f} s; wrote {out / 'overlays'}/, "
           + ", ".join(str(p) for p in written)
@@ -190,11 +272,14 @@ def evaluate_weights(weights, data, images_dir=None, score_thresh=None, device="
     """Metrics (:func:`orcnn_core.evaluation.evaluate_loaded`) of a weights file on the
     images of ground-truth file ``data`` (in ``images_dir``, default the file's folder).
     ``out``, when given, is only checked for writability here, before the model runs."""
-    gt = _GroundTruth(data, images_dir)
+    check_regular_file(weights, "--weights")
+    gt = _GroundTruth(data, images_dir, "--data")
     paths = [gt.image_path(image_id) for image_id in gt.dataset.image_ids]
-    check_decodable(paths)
     if out is not None:
         check_output_file(out, "--out")
+        check_not_an_input(out, [("--weights", weights), ("--data", data)]
+                           + [("--images", p) for p in paths], "--out")
+    check_decodable(paths)
     predictor = _load_predictor(weights, device, score_thresh, backend)
     gt.check_classes(predictor.config.class_names)
     results = []
@@ -220,6 +305,17 @@ def run_evaluate_weights(args) -> int:
     return 0
 
 
+def run_evaluate_files(gt, predictions, out=None) -> int:
+    """``orcnn-core evaluate --gt GT.json --predictions PRED.json``: the inputs must be
+    regular files, and ``--out`` neither of them, checked before either is read."""
+    check_regular_file(gt, "--gt")
+    check_regular_file(predictions, "--predictions")
+    if out is not None:
+        check_output_file(out, "--out")
+        check_not_an_input(out, [("--gt", gt), ("--predictions", predictions)], "--out")
+    return run_evaluate(gt, predictions, out)
+
+
 # ------------------------------------------------------------------------------ export
 def _check_int(value, name: str, low: int, high: int) -> int:
     if value is None or not low <= value <= high:
@@ -237,13 +333,6 @@ def _read_check_image(path, height: int, width: int) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def synthetic_check_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A deterministic RGB uint8 scene of the synthetic data set: objects the model may have
-    been trained on, so that the export check sees real detections rather than noise."""
-    return render_scene(np.random.default_rng([seed, 0]),
-                        SynthConfig(width=width, height=height)).image
-
-
 def run_export(args) -> int:
     """``orcnn-core export``: export, check, print the differences; exit 1 on a failed
     check (file not written)."""
@@ -253,11 +342,14 @@ def run_export(args) -> int:
     width = _check_int(args.width, "--width", MIN_SIZE, MAX_SIZE)
     opset = _check_int(args.opset, "--opset", MIN_OPSET, MAX_OPSET)
     out = Path(args.out)
+    check_regular_file(args.weights, "--weights")
     check_output_file(out, "--out")  # before the (slow) export
+    check_not_an_input(out, [("--weights", args.weights), ("--check-image", args.check_image)],
+                       "--out")
     if args.check_image is not None:
         check_image = _read_check_image(args.check_image, height, width)
     else:
-        check_image = synthetic_check_image(height, width)
+        check_image = check_scene(height, width)
     # The Predictor validates and sets the score threshold baked into the graph.
     predictor = Predictor(build_from_file(args.weights, device="cpu"), device="cpu",
                           score_thresh=args.score_thresh)
@@ -268,6 +360,9 @@ def run_export(args) -> int:
         print(f"orcnn-core export: error: onnxruntime disagrees with torch, {out} NOT "
               f"written: {exc}\n  {exc.report.summary()}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, file size limit: the atomic write left nothing
+        raise InputError(f"--out {out}: cannot write {exc.filename or out} "
+                         f"({exc.strerror or exc}); nothing written") from None
     print(f"wrote {out} ({report.num_bytes / 1e6:.1f} MB, opset {opset}, input image float32 "
           f"[3, {height}, {width}] RGB in [0, 1]; exported in {report.export_seconds:.1f} s)")
     print(f"onnxruntime matches torch: {report.summary()}")

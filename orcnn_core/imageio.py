@@ -3,33 +3,126 @@
 One place for what the library accepts as an image file (:data:`IMAGE_SUFFIXES`), how it
 decodes one (a bad file raises :class:`~orcnn_core.errors.InputError` naming it) and how
 it writes one (PNG).
+
+Image size limits: before a file is decoded, its header's width and height are checked
+against :data:`MAX_PIXELS`, :data:`MAX_SIDE` and :data:`MAX_ASPECT_RATIO`, so that a small
+file cannot make the decoder allocate a huge image. The defaults pass a 4K camera
+(3840 x 2160) with room to spare; the environment variables named in :data:`LIMIT_ENV`
+raise them (e.g. ``ORCNN_MAX_IMAGE_PIXELS=200000000``).
 """
 
 import contextlib
 import glob
 import os
+import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from orcnn_core.errors import InputError
+from orcnn_core.fileio import check_regular_file
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "read_image", "check_decodable",
-           "check_writable_dir", "check_output_file", "encode_png"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "MAX_SIDE", "MAX_ASPECT_RATIO", "LIMIT_ENV",
+           "image_limits", "image_size", "check_image_size", "find_images", "read_image",
+           "check_decodable", "check_writable_dir", "check_output_file", "encode_png"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+#: Most pixels (width x height) an image file may have: 64 Mpx, the node's limit
+#: (orcnn_ros.conversions.MAX_PIXELS); 8x a 4K frame, 192 MB once decoded.
+MAX_PIXELS = 64 * 1024 * 1024
+#: Longest side in pixels.
+MAX_SIDE = 16384
+#: Longest side over shortest side (a 4K frame is 1.78; a 360-degree panorama 2 to 4).
+MAX_ASPECT_RATIO = 16.0
+#: The environment variable that raises (or lowers) each limit.
+LIMIT_ENV = {"pixels": "ORCNN_MAX_IMAGE_PIXELS", "side": "ORCNN_MAX_IMAGE_SIDE",
+             "aspect_ratio": "ORCNN_MAX_IMAGE_ASPECT_RATIO"}
 
 
 def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _plain_component(component: str) -> str:
+    """Regular expression of one glob path component: ``*``, ``?`` and ``[...]`` never
+    cross a ``/``."""
+    out, i = [], 0
+    while i < len(component):
+        c = component[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in component[i + 2:]:
+            end = component.index("]", i + 2)
+            body = component[i + 1:end]
+            negate = body.startswith("!")
+            body = re.escape(body[1:] if negate else body).replace("\\-", "-")
+            out.append(f"[{'^' if negate else ''}{body}]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def _first_visit(folder: str, seen: set) -> bool:
+    """Whether ``folder`` (a link to one resolved) is seen for the first time; records it."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+def _recursive_glob(spec: str) -> list:
+    """Files matching a pattern with ``**`` (any number of folders, none included), found
+    with ``os.walk``, which follows symbolic links to folders but enters each real folder
+    once: a link loop ends the walk instead of being followed without end, as ``glob``'s
+    ``**`` does. Hidden names match only a pattern component that starts with a dot, as
+    with ``glob``."""
+    parts = spec.split("/")
+    fixed = 0
+    while fixed < len(parts) - 1 and not glob.has_magic(parts[fixed]):
+        fixed += 1
+    root = "/".join(parts[:fixed]) or ("/" if spec.startswith("/") else ".")
+    prefix = "/".join(parts[:fixed]) + "/" if fixed else ""
+    regex = []
+    for k, part in enumerate(parts[fixed:]):
+        last = k == len(parts) - fixed - 1
+        if part == "**":
+            regex.append("(?:[^/]+/)*[^/]+" if last else "(?:[^/]+/)*")
+        else:
+            regex.append(_plain_component(part) + ("" if last else "/"))
+    matcher = re.compile(re.escape(prefix) + "".join(regex) + r"\Z", re.DOTALL)
+    hidden_ok = parts[-1].startswith(".")
+    found, seen = [], set()
+    _first_visit(root, seen)
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in sorted(dirs)
+                   if not d.startswith(".") and _first_visit(os.path.join(folder, d), seen)]
+        relative = os.path.relpath(folder, root)
+        base = prefix + ("" if relative == "." else relative + "/")
+        for name in files:
+            if (hidden_ok or not name.startswith(".")) and matcher.match(base + name):
+                found.append(Path(base + name))
+    return found
+
+
 def find_images(spec) -> list:
     """Image files of ``spec``: a folder (its image files, not recursive), a glob pattern
-    (``**`` recurses) or one file; sorted. No image: :class:`InputError`."""
+    (``**`` recurses, without following links to folders) or one file; sorted. No image:
+    :class:`InputError`."""
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
@@ -39,7 +132,8 @@ def find_images(spec) -> list:
         found = [path]
         where = spec
     else:
-        found = [Path(p) for p in glob.glob(spec, recursive=True)]
+        found = _recursive_glob(spec) if "**" in spec \
+            else [Path(p) for p in glob.glob(spec)]
         found = [p for p in found if p.is_file() and _is_image_name(p)]
         where = f"pattern {spec!r}"
     if not found:
@@ -69,9 +163,73 @@ def _quiet_decoders():
         cv2.utils.logging.setLogLevel(level)
 
 
+def image_limits() -> dict:
+    """The size limits in force: the module defaults, or the environment variables of
+    :data:`LIMIT_ENV`; a bad value of one raises :class:`InputError` naming it."""
+    limits = {"pixels": MAX_PIXELS, "side": MAX_SIDE, "aspect_ratio": MAX_ASPECT_RATIO}
+    for key, variable in LIMIT_ENV.items():
+        raw = os.environ.get(variable)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            value = float(raw) if key == "aspect_ratio" else int(raw)
+        except ValueError:
+            value = None
+        if value is None or not value >= 1 or value == float("inf"):
+            raise InputError(f"environment variable {variable}={raw!r}: expected "
+                             f"{'a number' if key == 'aspect_ratio' else 'an integer'} >= 1")
+        limits[key] = value
+    return limits
+
+
+def image_size(path) -> tuple:
+    """(width, height) of an image file from its header alone (nothing is decoded);
+    a file whose header no reader recognises raises :class:`InputError`."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own limits apply, after the size is known
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                return tuple(int(v) for v in image.size)
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file (its header is not one of "
+                         f"{', '.join(IMAGE_SUFFIXES)})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read image header "
+                         f"({exc.strerror or exc})") from None
+    except (ValueError, SyntaxError, EOFError) as exc:
+        raise InputError(f"{path}: corrupt image header ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def check_image_size(path) -> tuple:
+    """(width, height) of an image file after checking them, from its header, against
+    :func:`image_limits`: one :class:`InputError` naming the limit and how to raise it."""
+    check_regular_file(path, "")
+    width, height = image_size(path)
+    limits = image_limits()
+    long_side, short_side = max(width, height), min(width, height)
+    if short_side < 1:
+        raise InputError(f"{path}: image is {width} x {height}, an empty image")
+    if long_side > limits["side"]:
+        problem = f"a side longer than {limits['side']} px", "side"
+    elif width * height > limits["pixels"]:
+        problem = f"more than {limits['pixels']} pixels", "pixels"
+    elif long_side / short_side > limits["aspect_ratio"]:
+        problem = f"an aspect ratio above {limits['aspect_ratio']:g}", "aspect_ratio"
+    else:
+        return width, height
+    raise InputError(f"{path}: image is {width} x {height}, {problem[0]} (the limit; set "
+                     f"{LIMIT_ENV[problem[1]]} to raise it)")
+
+
 def read_image(path) -> np.ndarray:
-    """BGR uint8 H x W x 3 image of ``path``; a file that cannot be read or decoded raises
+    """BGR uint8 H x W x 3 image of ``path``; a file that cannot be read or decoded, or is
+    larger than the size limits (:func:`check_image_size`, checked before decoding), raises
     :class:`InputError` naming it."""
+    check_image_size(path)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -84,13 +242,15 @@ def read_image(path) -> np.ndarray:
 
 
 def check_decodable(paths) -> None:
-    """Refuse files whose header no image decoder recognises, before any model work
-    (a file with a good header but corrupt data is found when it is read)."""
+    """Refuse files whose header no image decoder recognises or whose size exceeds the
+    limits, before any model work (a file with a good header but corrupt data is found
+    when it is read)."""
     for path in paths:
         if not os.access(path, os.R_OK):
             raise InputError(f"{path}: cannot read image (no permission)")
         if not cv2.haveImageReader(str(path)):
             raise InputError(f"{path}: not an image file cv2 can decode")
+        check_image_size(path)
 
 
 def check_writable_dir(path, what: str) -> Path:

@@ -18,8 +18,50 @@ import yaml
 
 from orcnn_core.config import ModelConfig
 from orcnn_core.errors import InputError
+from orcnn_core.synth import CLASSES as SYNTH_CLASSES
+from orcnn_core.weights import PLAUSIBLE_MAX
 
 CONFIG_DIR = Path(__file__).with_name("configs")
+
+_SEED_MAX = 2 ** 32 - 1  # numpy's legacy seeding takes no more
+_COUNT_MAX = 10 ** 9
+
+#: Allowed range of every number outside ``model``: key -> (low, high, low_open,
+#: high_open), checked with the types before anything is built. solver.lr stops at 1e30 so
+#: that lr x gradient stays finite in float32 (a diverging lr then stops at the NaN-loss
+#: check with its iteration and last checkpoint, instead of failing inside torch).
+RANGES = {
+    "seed": (0, _SEED_MAX, False, False),
+    "checkpoint_period": (1, _COUNT_MAX, False, False),
+    "eval_period": (0, _COUNT_MAX, False, False),
+    "log_period": (1, _COUNT_MAX, False, False),
+    "data.num_workers": (0, 256, False, False),
+    "solver.iterations": (1, _COUNT_MAX, False, False),
+    "solver.images_per_batch": (1, 1024, False, False),
+    "solver.lr": (0.0, 1e30, True, False),
+    "solver.momentum": (0.0, 1.0, False, True),
+    "solver.weight_decay": (0.0, 1.0, False, False),
+    "solver.steps": (1, _COUNT_MAX, False, False),  # each step
+    "solver.gamma": (0.0, 1.0, True, False),
+    "solver.warmup_iters": (0, _COUNT_MAX, False, False),
+    "solver.warmup_factor": (0.0, 1.0, True, False),
+    "solver.grad_clip_norm": (0.0, 1e6, False, False),
+}
+for _name in ("synth_train", "synth_val"):
+    RANGES.update({f"data.{_name}.num_images": (1, 10_000_000, False, False),
+                   f"data.{_name}.seed": (0, _SEED_MAX, False, False),
+                   f"data.{_name}.width": (16, 8192, False, False),
+                   f"data.{_name}.height": (16, 8192, False, False),
+                   f"data.{_name}.num_classes": (1, len(SYNTH_CLASSES), False, False)})
+#: Ranges of the model's list values; ModelConfig checks the scalars' lower bounds and
+#: :data:`orcnn_core.weights.PLAUSIBLE_MAX` gives their upper bounds (the bounds a weights
+#: file is held to, so a trained model always loads).
+MODEL_LIST_RANGES = {
+    "anchor_sizes": (1, PLAUSIBLE_MAX["max_size"], False, False),
+    "anchor_aspect_ratios": (1e-3, 1e3, False, False),
+    "image_mean": (-1e3, 1e3, False, False),
+    "image_std": (1e-6, 1e3, False, False),
+}
 
 
 @dataclass
@@ -156,6 +198,37 @@ def _convert(hint, value, source, key):
     return value
 
 
+def _range_text(low, high, low_open, high_open) -> str:
+    def number(v):
+        return str(v) if isinstance(v, int) else f"{v:g}"
+    return f"{'(' if low_open else '['}{number(low)}, {number(high)}{')' if high_open else ']'}"
+
+
+def _check_range(where: str, key: str, values, bounds) -> None:
+    low, high, low_open, high_open = bounds
+    for value in values:
+        if value < low or value > high or (low_open and value == low) \
+                or (high_open and value == high):
+            raise InputError(f"{where}: {key} {value!r}: must be in "
+                             f"{_range_text(*bounds)}")
+
+
+def check_ranges(cfg: TrainConfig, where: str) -> None:
+    """Every number of the tree within its range (:data:`RANGES`, the model's within
+    :data:`orcnn_core.weights.PLAUSIBLE_MAX` and :data:`MODEL_LIST_RANGES`); one
+    InputError naming the key and the allowed range."""
+    for key, bounds in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        _check_range(where, key, value if isinstance(value, tuple) else (value,), bounds)
+    for name, high in PLAUSIBLE_MAX.items():
+        _check_range(where, f"model.{name}", (getattr(cfg.model, name),),
+                     (1, high, False, False))
+    for name, bounds in MODEL_LIST_RANGES.items():
+        _check_range(where, f"model.{name}", getattr(cfg.model, name), bounds)
+
+
 def validate(cfg: TrainConfig, where: str) -> TrainConfig:
     """Range checks that the types alone do not give; raise InputError naming the key."""
     s = cfg.solver
@@ -185,6 +258,7 @@ def validate(cfg: TrainConfig, where: str) -> TrainConfig:
         synth = getattr(cfg.data, name)
         if synth.num_images < 1 or synth.width < 16 or synth.height < 16:
             fail(f"data.{name}", "needs num_images >= 1 and width, height >= 16")
+    check_ranges(cfg, where)
     return cfg
 
 

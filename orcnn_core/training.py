@@ -332,17 +332,47 @@ def check_output_dir(path: Path) -> None:
         raise InputError(f"output_dir {path}: not writable ({exc.strerror})") from None
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+#: What marks a folder as holding an earlier run, and what ``--force`` deletes to start over.
+RUN_MARKERS = (CHECKPOINT, LOG)
+RUN_FILES = (CHECKPOINT, LOG, "metrics.json", FINAL_WEIGHTS)
+
+
+def check_run_folder(out: Path, resume: bool, force: bool) -> bool:
+    """Refuse to start a fresh run over an earlier one (it would overwrite the checkpoint
+    and interleave log.jsonl) unless ``force``; returns whether that run's files are to be
+    deleted (:func:`_clear_earlier_run`) before the first write."""
+    if resume and force:
+        raise InputError("--resume continues the run in output_dir, --force starts it over: "
+                         "give one of them")
+    earlier = [name for name in RUN_MARKERS if os.path.lexists(out / name)]
+    if resume or not earlier:
+        return False
+    if not force:
+        raise InputError(f"output_dir {out}: holds an earlier run ({', '.join(earlier)}); "
+                         f"continue it with --resume, start over with --force (deletes its "
+                         f"{', '.join(RUN_FILES)}) or choose another output_dir")
+    return True
+
+
+def _clear_earlier_run(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          force: bool = False) -> dict:
     """Train as ``cfg`` says; returns ``{"iteration", "weights", "metrics", "stopped"}``.
 
     Every check of the configuration and the data happens before the first iteration
     (:class:`InputError`). SIGINT / SIGTERM finish the current iteration, save a checkpoint
     and return with ``stopped`` set to the signal's name. A failed write (disk full, file
     size limit) raises :class:`TrainingStopped` naming the file and the last good
-    checkpoint; the failed write leaves that checkpoint as it was.
+    checkpoint; the failed write leaves that checkpoint as it was. An output folder that
+    holds an earlier run is refused without ``resume`` unless ``force``, which deletes that
+    run's checkpoint, log, metrics and final weights (:func:`check_run_folder`).
     """
     try:
-        return _train(cfg, resume, progress)
+        return _train(cfg, resume, progress, force)
     except OSError as exc:
         raise TrainingStopped(_write_failure(exc, Path(cfg.output_dir))) from None
 
@@ -393,10 +423,11 @@ class _Run:
         return self.out / CHECKPOINT
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
+def _train(cfg: TrainConfig, resume: bool, progress: bool, force: bool = False) -> dict:
     rank, world, local_rank = _distributed()
-    device = _training_device(cfg.device, world, local_rank)
     out = Path(cfg.output_dir)
+    clear = check_run_folder(out, resume, force)  # before anything is built or written
+    device = _training_device(cfg.device, world, local_rank)
     train_scenes, val_scenes = _open_checked_inputs(cfg, resume, out, rank)
     model, optimizer, scheduler = _build_training_objects(cfg, resume, device, rank)
     start = _resume(out, model, optimizer, scheduler, cfg, rank) if resume else 0
@@ -411,6 +442,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
                val_scenes=val_scenes, start=start, resumed=resume, use_amp=use_amp,
                scaler=torch.amp.GradScaler("cuda", enabled=use_amp))
     if rank == 0:
+        if clear:
+            _clear_earlier_run(out)
         run.writer, run.gt = _start_outputs(cfg, out, val_scenes, start)
     iteration, metrics, stopped = _run_iterations(run, loader, progress)
     if stopped:

@@ -115,7 +115,14 @@ def build_from_file(path, device="cpu"):
 
 
 def _open(path: Path):
+    """The weights file opened for reading; checked to be a regular file first (opening a
+    FIFO would block forever)."""
     try:
+        if os.path.isdir(path):
+            raise IsADirectoryError
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise InputError(f"{path}: is not a regular file (a FIFO, socket or device), not "
+                             f"a weights file")
         return open(path, "rb")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None

@@ -159,7 +159,8 @@ def main(argv=None) -> int:
             f"data.synth_val.seed={args.val_seed}", "eval_period=0",
             f"checkpoint_period={args.iterations}", *overrides, *args.set])
         start = time.perf_counter()
-        result = train(cfg, progress=True)
+        # An interrupted variant continues from its last checkpoint.
+        result = train(cfg, resume=(out / "checkpoint_last.pt").is_file(), progress=True)
         seconds[name] = time.perf_counter() - start
         rows[name] = figures(result["metrics"])
         atomic_write_json(out / "done", {"row": rows[name], "seconds": seconds[name]})

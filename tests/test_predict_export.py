@@ -21,13 +21,12 @@ import pytest
 import torch
 
 from orcnn_core.cli import main
-from orcnn_core.commands import synthetic_check_image
 from orcnn_core.data import AmodalSample, write_amodal_coco
 from orcnn_core.export import OUTPUT_NAMES, TOLERANCES, ExportCheckError, export_onnx
 from orcnn_core.masks import decode
 from orcnn_core.predictor import Predictor
 from orcnn_core.results import prediction_to_coco
-from orcnn_core.synth import generate_dataset
+from orcnn_core.synth import check_scene, generate_dataset
 from orcnn_core.weights import build_from_file
 from tiny_models import NODE_MODEL, save_tiny_model
 
@@ -206,7 +205,7 @@ def test_export_that_fails_its_check_writes_nothing(work, weights):
     impossible = {name: -1.0 for name in TOLERANCES}  # no difference is below -1
     with pytest.raises(ExportCheckError) as info:
         export_onnx(build_from_file(weights), out, HEIGHT, WIDTH,
-                    check_image=synthetic_check_image(HEIGHT, WIDTH), tolerances=impossible)
+                    check_image=check_scene(HEIGHT, WIDTH), tolerances=impossible)
     assert not out.exists()
     assert not [p for p in work.iterdir() if p.name.startswith(".never.onnx")]
     report = info.value.report
