@@ -1,25 +1,78 @@
-"""Start the ORCNN amodal perception node with the parameters in config/perception.yaml.
+"""Start the ORCNN amodal perception node (lifecycle node ``orcnn_perception``).
 
     ros2 launch orcnn_ros perception.launch.py image_topic:=/camera/color/image_raw
-    ros2 launch orcnn_ros perception.launch.py use_compressed:=true model_path:=/m.safetensors
+    ros2 launch orcnn_ros perception.launch.py namespace:=robot1 use_compressed:=true \\
+        model_path:=/path/to/model.safetensors params_file:=/path/to/my_params.yaml
 
-Arguments:
+Arguments (``ros2 launch orcnn_ros perception.launch.py --show-args``):
     image_topic     camera topic; with use_compressed:=true the node subscribes to
                     <image_topic>/compressed (sensor_msgs/CompressedImage)
-    params_file     node parameters (default: the installed config/perception.yaml)
-    model_path      ORCNN weights (.safetensors); empty: the bundled model
+    params_file     node parameters (default: the installed config/perception.yaml); a file
+                    that does not exist fails the launch
+    model_path      ORCNN weights (.safetensors); empty: the params file's model_path (empty
+                    there too: the bundled model)
     namespace       namespace of the node; outputs become /<namespace>/amodal_instances
-    use_compressed  true / false
-model_path and use_compressed are passed after params_file, so they override its values.
+    use_compressed  true or false; overrides the params file's value
+emulate_tty:=true (read by launch itself) runs the node on a pseudo-terminal, for coloured
+log lines; by default it is off, so log files hold no colour codes.
+
+The node configures and activates itself when its parameter autostart is true (the
+default; set it false in the params file to drive it with `ros2 lifecycle set`). When that
+configure fails (e.g. a bad model file), the node process ends with exit status 1 and an
+error naming the file, unless its parameter exit_on_configure_failure is false.
 """
 
 import os
 
+import yaml
 from ament_index_python.packages import get_package_share_directory
-from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration, PythonExpression
-from launch_ros.actions import Node
+from launch import LaunchDescription, Substitution
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import LifecycleNode
+from launch_ros.parameter_descriptions import ParameterValue
+
+NODE_NAME = "orcnn_perception"
+
+
+class LaunchArgumentError(RuntimeError):
+    """A launch argument names something unusable; launch reports the message and fails."""
+
+
+def check_params_file(context):
+    """Fail the launch, naming the file, when params_file is not a file."""
+    path = LaunchConfiguration("params_file").perform(context)
+    if not os.path.isfile(path):
+        raise LaunchArgumentError(
+            f"params_file '{path}' does not exist (or is not a file): pass "
+            f"params_file:=<YAML file with {NODE_NAME} parameters>, or leave it out for the "
+            f"installed config/perception.yaml")
+    return []
+
+
+class ModelPath(Substitution):
+    """The model_path launch argument when it is not empty, else the params file's
+    model_path for this node (the last section that applies to it), else empty."""
+
+    def describe(self) -> str:
+        return "model_path argument, else the params file's model_path"
+
+    def perform(self, context) -> str:
+        given = LaunchConfiguration("model_path").perform(context)
+        if given:
+            return given
+        try:
+            with open(LaunchConfiguration("params_file").perform(context),
+                      encoding="utf-8") as f:
+                sections = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            return ""  # check_params_file reports a missing file; the node a bad one
+        value = ""
+        for key, section in sections.items() if isinstance(sections, dict) else ():
+            if str(key).rstrip("/").split("/")[-1] in (NODE_NAME, "*", "**") \
+                    and isinstance(section, dict):
+                value = (section.get("ros__parameters") or {}).get("model_path", value)
+        return str(value or "")
 
 
 def generate_launch_description():
@@ -27,10 +80,11 @@ def generate_launch_description():
         get_package_share_directory("orcnn_ros"), "config", "perception.yaml")
     image_topic = LaunchConfiguration("image_topic")
     overrides = {
-        "model_path": LaunchConfiguration("model_path"),
-        # A real bool: the node's parameter is typed.
-        "use_compressed": PythonExpression(
-            ["'", LaunchConfiguration("use_compressed"), "'.strip().lower() in ('true', '1')"]),
+        "model_path": ModelPath(),
+        # A typed bool for the node's boolean parameter; the argument's choices admit only
+        # 'true' and 'false'.
+        "use_compressed": ParameterValue(LaunchConfiguration("use_compressed"),
+                                         value_type=bool),
     }
     return LaunchDescription([
         DeclareLaunchArgument(
@@ -41,17 +95,19 @@ def generate_launch_description():
             description="YAML file with the orcnn_perception node's parameters"),
         DeclareLaunchArgument(
             "model_path", default_value="",
-            description="ORCNN weights file (.safetensors); empty: the bundled model"),
+            description="ORCNN weights file (.safetensors); empty: the params file's "
+                        "model_path (empty there too: the bundled model)"),
         DeclareLaunchArgument(
             "namespace", default_value="",
             description="namespace of the node and its output topics"),
         DeclareLaunchArgument(
-            "use_compressed", default_value="false",
+            "use_compressed", default_value="false", choices=["true", "false"],
             description="subscribe to <image_topic>/compressed (CompressedImage)"),
-        Node(
+        OpaqueFunction(function=check_params_file),
+        LifecycleNode(
             package="orcnn_ros",
             executable="perception_node",
-            name="orcnn_perception",
+            name=NODE_NAME,
             namespace=LaunchConfiguration("namespace"),
             parameters=[LaunchConfiguration("params_file"), overrides],
             remappings=[
@@ -59,6 +115,6 @@ def generate_launch_description():
                 ("image/compressed", [image_topic, "/compressed"]),
             ],
             output="screen",
-            emulate_tty=True,
+            # emulate_tty: off unless the launch configuration emulate_tty says true.
         ),
     ])

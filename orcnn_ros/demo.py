@@ -234,8 +234,8 @@ class Consumer:
         while len(records) < frames and time.monotonic() - started < timeout:
             rclpy.spin_once(self.node, timeout_sec=0.1)
             if node.poll() is not None:
-                print(f"demo: the perception node exited with code {node.returncode}",
-                      file=sys.stderr)
+                self.node.get_logger().error(
+                    f"the perception node exited with code {node.returncode}")
                 break
             while shown < len(self.arrays) and len(records) < frames:
                 msg, received_ns = self.arrays[shown]

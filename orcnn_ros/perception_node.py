@@ -113,6 +113,10 @@ def default_model_path() -> Path:
 # name: (default, description, read_only, range or choices)
 PARAMETERS = {
     "autostart": (True, "configure and activate when the node starts", True, None),
+    "exit_on_configure_failure": (True, "with autostart: end the process with exit status 1 "
+                                  "when configure fails (e.g. a bad model file); false: stay "
+                                  "unconfigured and wait for lifecycle transitions", True,
+                                  None),
     "model_path": ("", "ORCNN weights file (.safetensors written by orcnn-core); empty: the "
                    "bundled model share/orcnn_ros/models/" + BUNDLED_MODEL, True, None),
     "device": ("auto", "inference device: auto (CUDA when available), cpu, cuda or cuda:N",
@@ -248,6 +252,8 @@ class PerceptionNode(LifecycleNode):
         self._applied = None  # (score_threshold, max_instances) set on the model
         self._draw = None
         self.stats = conversions.PipelineStats()
+        #: Set when the configure of autostart failed (the reason is in ``problem``).
+        self.autostart_failed = False
 
         # Registered before declaring, so that start-up values are checked too.
         self.add_on_set_parameters_callback(self._validate_parameters)
@@ -262,6 +268,8 @@ class PerceptionNode(LifecycleNode):
         if self.get_parameter("autostart").value:
             if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
                 self.trigger_activate()
+            else:
+                self.autostart_failed = True
 
     # ------------------------------------------------------------------ parameters
     def _validate_parameters(self, params) -> SetParametersResult:
@@ -284,6 +292,11 @@ class PerceptionNode(LifecycleNode):
     @property
     def settings(self) -> Settings:
         return self._settings
+
+    @property
+    def problem(self) -> str:
+        """Why the last configure failed ("" after a successful one)."""
+        return self._problem
 
     @property
     def input_topic(self) -> str:
@@ -584,11 +597,43 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
+def usage() -> str:
+    """The text of ``--help``: how to start the node, and its parameters."""
+    lines = [
+        "usage: perception_node [-h] [--ros-args ...]",
+        "",
+        "The ORCNN perception node (lifecycle node orcnn_perception): sensor_msgs/Image on",
+        "`image` (or CompressedImage on `image/compressed`) in, orcnn_ros/AmodalInstanceArray",
+        "on `amodal_instances` out, overlays on ~/debug_image, status on /diagnostics.",
+        "",
+        "  ros2 run orcnn_ros perception_node --ros-args -r image:=/camera/image_raw \\",
+        "      --params-file config/perception.yaml -p model_path:=/path/model.safetensors",
+        "  ros2 launch orcnn_ros perception.launch.py image_topic:=/camera/image_raw",
+        "",
+        "Exit status: 0 after Ctrl-C / SIGTERM; 1 when configure at start-up fails (with",
+        "autostart and exit_on_configure_failure); 2 for an invalid parameter value.",
+        "",
+        "parameters (-p name:=value; ros2 param describe for ranges):",
+    ]
+    for name, (default, description, read_only, _limits) in PARAMETERS.items():
+        tag = " (read-only)" if read_only else ""
+        lines.append(f"  {name} [{default!r}]{tag}: {description}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    """The program: run the node until Ctrl-C / SIGTERM, then return 0; 2 when a parameter
-    value is invalid. A stop request during start-up ends the process at once (status 0)."""
+    """The program: run the node until Ctrl-C / SIGTERM, then return 0; 1 when configure at
+    start-up fails (autostart with exit_on_configure_failure); 2 when a parameter value is
+    invalid. A stop request during start-up ends the process at once (status 0)."""
     from rclpy.exceptions import (InvalidParameterTypeException,
                                   InvalidParameterValueException)
+    from rclpy.logging import get_logger
+    from rclpy.utilities import remove_ros_args
+
+    args = sys.argv if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in remove_ros_args(args)[1:]):
+        print(usage())
+        return 0
 
     starting = True
 
@@ -604,13 +649,20 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, on_stop_request)
                     for signum in (signal.SIGINT, signal.SIGTERM)}
-    rclpy.init(args=sys.argv if argv is None else argv)
+    rclpy.init(args=args)
     try:
         try:
             node = PerceptionNode()
         except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
-            print(f"[{NODE_NAME}] invalid parameter: {exc}", file=sys.stderr)
+            get_logger(NODE_NAME).error(f"invalid parameter: {exc}")
             return 2
+        if node.autostart_failed and node.get_parameter("exit_on_configure_failure").value:
+            node.get_logger().fatal(
+                f"exiting with status 1: configure at start-up failed ({node.problem}); "
+                f"set exit_on_configure_failure:=false to keep the node running "
+                f"unconfigured for lifecycle transitions")
+            node.destroy_node()
+            return 1
         # One thread spins the executor (services, parameters, diagnostics); inference has
         # its own worker thread, so a single-threaded executor never waits on the model.
         executor = SingleThreadedExecutor()

@@ -8,6 +8,13 @@ them, cycled): a frame only gets its stamp before it is published, so a 30 Hz ca
 next to no CPU and does not compete with the model it feeds. With
 ``publish_compressed`` it also publishes PNG frames on ``image/compressed``. After
 ``num_frames`` frames (0: no limit) it stops publishing and, when run as a program, exits.
+
+    ros2 run orcnn_ros sim_camera --ros-args -r image:=/camera/image_raw -p rate:=5.0
+
+Parameters (read-only, -p name:=value): rate (Hz, 10.0), width (320), height (240),
+seed (0), num_scenes (16), num_frames (0: never stop), encoding (rgb8 or bgr8),
+frame_id (sim_camera_optical_frame), publish_compressed (false), reliable (true: reliable
+QoS; false: best effort).
 """
 
 import importlib.util
@@ -120,9 +127,21 @@ class SimCamera(Node):
 
 
 def main(argv=None) -> int:
-    rclpy.init(args=sys.argv if argv is None else argv)
+    from rclpy.exceptions import ParameterException
+    from rclpy.logging import get_logger
+    from rclpy.utilities import remove_ros_args
+
+    args = sys.argv if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in remove_ros_args(args)[1:]):
+        print("usage: sim_camera [-h] [--ros-args ...]\n\n" + __doc__.strip())
+        return 0
+    rclpy.init(args=args)
     try:
-        node = SimCamera()
+        try:
+            node = SimCamera()
+        except (ValueError, ParameterException) as exc:  # value, range or type
+            get_logger("sim_camera").error(f"invalid parameter: {exc}")
+            return 2
         executor = SingleThreadedExecutor()
         executor.add_node(node)
         try:

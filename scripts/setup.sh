@@ -118,7 +118,8 @@ mkdir -p log
 # need no rebuild: --symlink-install links the sources into install/.
 build_hash="$(
     { cat CMakeLists.txt package.xml msg/*.msg
-      find orcnn_ros launch config models scripts/perception_node -type f \
+      find orcnn_ros launch config models scripts/perception_node scripts/sim_camera \
+          scripts/bag_infer scripts/demo -type f \
           -not -path '*/__pycache__/*' 2>/dev/null | sort
       echo "$ROS_SOURCE"; } | sha256sum | cut -c1-16)"
 if stamp_ok colcon "$build_hash" && [ -f install/setup.bash ]; then

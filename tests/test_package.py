@@ -90,17 +90,52 @@ def test_flake8_at_99_columns():
 def test_launch_file_loads():
     try:
         import launch  # noqa: F401
+        from launch.actions import DeclareLaunchArgument
         from launch.launch_description_sources import PythonLaunchDescriptionSource
-        from launch_ros.actions import Node
+        from launch_ros.actions import LifecycleNode, Node
     except ImportError as exc:
         pytest.skip(f"ROS 2 'launch'/'launch_ros' not importable here ({exc}); "
                     "the launch file is checked on a ROS 2 distribution")
     source = PythonLaunchDescriptionSource(str(ROOT / "launch" / "perception.launch.py"))
     description = source.try_get_launch_description_without_context()
     nodes = [e for e in description.entities if isinstance(e, Node)]
-    assert len(nodes) == 1
+    assert len(nodes) == 1 and isinstance(nodes[0], LifecycleNode)
     assert nodes[0].node_package == "orcnn_ros"
     assert nodes[0].node_executable == "perception_node"
+    arguments = {e.name: e for e in description.entities
+                 if isinstance(e, DeclareLaunchArgument)}
+    # A boolean with choices: launch itself refuses other values, nothing is evaluated.
+    assert arguments["use_compressed"].choices == ["true", "false"]
+    source_text = (ROOT / "launch" / "perception.launch.py").read_text()
+    assert "PythonExpression" not in source_text
+
+
+def test_params_file_applies_in_any_namespace_and_names_only_node_parameters():
+    import yaml
+    from orcnn_ros.perception_node import PARAMETERS
+
+    config = yaml.safe_load((ROOT / "config" / "perception.yaml").read_text())
+    assert list(config) == ["/**/orcnn_perception"]
+    values = config["/**/orcnn_perception"]["ros__parameters"]
+    assert set(values) == set(PARAMETERS)
+    for name, value in values.items():
+        assert value == PARAMETERS[name][0], name
+
+
+def test_every_executable_is_installed_and_answers_help():
+    """`ros2 run orcnn_ros X` runs lib/orcnn_ros/X; each one prints its usage for --help."""
+    from ament_index_python.packages import get_package_prefix
+
+    lib = Path(get_package_prefix("orcnn_ros")) / "lib" / "orcnn_ros"
+    names = ("perception_node", "sim_camera", "bag_infer", "demo")
+    for name in names:
+        assert (ROOT / "scripts" / name).is_file(), name
+        assert (lib / name).is_file() and os.access(lib / name, os.X_OK), \
+            f"{lib / name} missing: run make setup"
+        result = subprocess.run([str(lib / name), "--help"], capture_output=True, text=True,
+                                timeout=120, cwd="/")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.startswith("usage:"), (name, result.stdout)
 
 
 def test_console_script_runs():
