@@ -245,9 +245,11 @@ class Consumer:
                 self.first_at = self.first_at or time.monotonic()
                 records.append(frame_record(msg, age_ms))
                 print(frame_line(len(records), msg, age_ms), flush=True)
-        # Overlays of the last frames may still be on their way.
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and len(self.overlays) < len(records):
+        # Overlays of the last frames may still be on their way, and a short run can end
+        # before the node's first diagnostics (one per second) arrive.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and (len(self.overlays) < len(records)
+                                               or "device" not in self.diagnostics):
             rclpy.spin_once(self.node, timeout_sec=0.1)
 
     def destroy_node(self) -> None:
