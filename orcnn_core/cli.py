@@ -127,8 +127,8 @@ def _run_evaluate(args) -> int:
     if missing:
         raise InputError(f"give --gt GT.json and --predictions PRED.json (or --weights and "
                          f"--data); missing {' and '.join(missing)}")
-    from orcnn_core.commands import run_evaluate_files
-    return run_evaluate_files(args.gt, args.predictions, args.out)
+    from orcnn_core.evaluation import run_evaluate
+    return run_evaluate(args.gt, args.predictions, args.out)
 
 
 def _add_predict_parser(subparsers) -> None:

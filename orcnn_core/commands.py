@@ -21,7 +21,7 @@ import numpy as np
 
 from orcnn_core.data import load_dataset
 from orcnn_core.errors import InputError
-from orcnn_core.evaluation import evaluate_loaded, format_table, run_evaluate
+from orcnn_core.evaluation import evaluate_loaded, format_table
 from orcnn_core.export import (MAX_OPSET, MAX_SIZE, MIN_OPSET, MIN_SIZE, ExportCheckError,
                                export_onnx)
 from orcnn_core.fileio import (TEMP_SUFFIX, atomic_write_bytes, atomic_write_json,
@@ -35,7 +35,7 @@ from orcnn_core.visualize import draw_prediction
 from orcnn_core.weights import build_from_file
 
 __all__ = ["predict_file", "run_predict", "evaluate_weights", "run_evaluate_weights",
-           "run_evaluate_files", "run_export"]
+           "run_export"]
 
 
 # ------------------------------------------------------------------------------ model
@@ -303,17 +303,6 @@ def run_evaluate_weights(args) -> int:
             raise InputError(f"{args.out}: cannot write metrics ({exc.strerror})") from None
     print(format_table(metrics))
     return 0
-
-
-def run_evaluate_files(gt, predictions, out=None) -> int:
-    """``orcnn-core evaluate --gt GT.json --predictions PRED.json``: the inputs must be
-    regular files, and ``--out`` neither of them, checked before either is read."""
-    check_regular_file(gt, "--gt")
-    check_regular_file(predictions, "--predictions")
-    if out is not None:
-        check_output_file(out, "--out")
-        check_not_an_input(out, [("--gt", gt), ("--predictions", predictions)], "--out")
-    return run_evaluate(gt, predictions, out)
 
 
 # ------------------------------------------------------------------------------ export

@@ -38,7 +38,8 @@ from orcnn_core.data import (
     require_list,
 )
 from orcnn_core.errors import InputError
-from orcnn_core.fileio import atomic_write_json
+from orcnn_core.fileio import atomic_write_json, check_not_an_input, check_regular_file
+from orcnn_core.imageio import check_output_file
 from orcnn_core.order_metrics import (ImageOrder, OrderCounts, graph_order, image_counts,
                                       match_by_amodal_iou, prediction_from_masks,
                                       shown_relations, summarize)
@@ -614,7 +615,15 @@ def format_table(metrics: dict) -> str:
 
 
 def run_evaluate(gt_path, predictions_path, out_path=None) -> int:
-    """``orcnn-core evaluate``: print the table, write the metrics JSON atomically."""
+    """``orcnn-core evaluate --gt GT.json --predictions PRED.json``: the inputs must be
+    regular files and ``--out`` neither of them (checked before either is read); print the
+    table, write the metrics JSON atomically."""
+    check_regular_file(gt_path, "--gt")
+    check_regular_file(predictions_path, "--predictions")
+    if out_path is not None:
+        check_output_file(out_path, "--out")
+        check_not_an_input(out_path, [("--gt", gt_path), ("--predictions", predictions_path)],
+                           "--out")
     metrics = evaluate(gt_path, predictions_path)
     if out_path is not None:
         try:
