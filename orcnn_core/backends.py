@@ -53,22 +53,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orcnn_core.errors import InputError
+from orcnn_core.backend_names import BACKENDS, REFUSED, BackendError, check_backend_name
 from orcnn_core.export import TOLERANCES, FixedSizeORCNN, export_onnx_checked
 from orcnn_core.synth import check_scene
 
+# BACKENDS, REFUSED, BackendError and check_backend_name are re-exported: their home is
+# orcnn_core.backend_names.
 __all__ = ["BACKENDS", "REFUSED", "MAX_GRAPHS", "BackendError", "Build", "EagerBackend",
            "TorchScriptBackend", "OnnxRuntimeBackend", "TensorRTBackend", "create_backend",
            "check_backend_name", "compare_detections"]
 
-BACKENDS = ("eager", "torchscript", "onnxruntime", "tensorrt")
-#: Names that are not back-ends, with the measured reason.
-REFUSED = {
-    "compile": "torch.compile is not offered as a back-end: on the bundled model (2-core "
-               "CPU) it compiled for 50-165 s before the first result, recompiled for every "
-               "new detection count (7-56 s each) up to torch's recompile limit, and then "
-               "ran no faster than eager; use torchscript or onnxruntime",
-}
 #: Graphs kept per fixed-size back-end (one per image size and threshold setting).
 MAX_GRAPHS = 4
 #: Failed builds remembered per fixed-size back-end (so that they fail fast).
@@ -76,20 +70,6 @@ MAX_FAILED = 64
 DETECTION_KEYS = ("boxes", "labels", "scores", "amodal_mask_logits", "visible_mask_logits")
 
 log = logging.getLogger(__name__)
-
-
-class BackendError(InputError):
-    """The back-end asked for is unknown, refused, or cannot run here (a package or the
-    device it needs is missing); the message says which and why."""
-
-
-def check_backend_name(name) -> str:
-    """``name`` when it is one of :data:`BACKENDS`, else :class:`BackendError` listing them."""
-    if name in BACKENDS:
-        return name
-    if name in REFUSED:
-        raise BackendError(f"backend {name!r}: {REFUSED[name]}")
-    raise BackendError(f"backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
 
 
 def create_backend(name: str, model, device: torch.device):

@@ -34,6 +34,7 @@ from orcnn_core.occlusion import (MIN_CONFIDENCE, MIN_OVERLAP_PIXELS,  # noqa: E
                                   MIN_OVERLAP_RATIO, occlusion_graph)
 from orcnn_core.visualize import draw_prediction  # noqa: E402
 from orcnn_ros import conversions  # noqa: E402
+from orcnn_ros.perception_node import default_model_path  # noqa: E402
 
 __all__ = ["msg_dir", "make_typestore", "infer_bag", "main"]
 
@@ -169,10 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    # Imported after parsing, not at the top: both import torch, which takes seconds and
-    # is not needed for --help or a usage error.
+    # Imported after parsing, not at the top: it imports torch, which takes seconds and is
+    # not needed for --help or a usage error.
     from orcnn_core.predictor import Predictor
-    from orcnn_ros.perception_node import default_model_path
 
     model = Path(args.model) if args.model else default_model_path()
     if Path(args.out).exists():

@@ -37,6 +37,8 @@ from sensor_msgs.msg import Image  # noqa: E402
 from orcnn_core.fileio import atomic_write_json  # noqa: E402
 from orcnn_ros.conversions import image_to_array  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
+from orcnn_ros.perception_node import (BUNDLED_MODEL, bundled_model_candidates,  # noqa: E402
+                                       default_model_path)
 
 CAMERA_TOPIC = "/orcnn_demo/image"
 OUTPUT_TOPIC = "/amodal_instances"
@@ -146,11 +148,6 @@ def run(args) -> int:
 def demo_model(model_arg: str):
     """The model file the demo runs (``--model``, else the bundled model); None, after
     saying why, when it is missing."""
-    # Imported here, not at the top: the node module imports torch (through the
-    # Predictor), which this process never uses and which would make --help take seconds.
-    from orcnn_ros.perception_node import (BUNDLED_MODEL, bundled_model_candidates,
-                                           default_model_path)
-
     model = Path(model_arg) if model_arg else default_model_path()
     if model.is_file():
         return model

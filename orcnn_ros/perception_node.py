@@ -70,10 +70,10 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSPolicyKind,  # noqa: 
                        QoSProfile, ReliabilityPolicy)
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from orcnn_core.backends import BACKENDS, BackendError  # noqa: E402
+from orcnn_core.backend_names import BACKENDS, BackendError  # noqa: E402  (no torch)
 from orcnn_core.occlusion import (MIN_CONFIDENCE, MIN_OVERLAP_PIXELS,  # noqa: E402
                                   MIN_OVERLAP_RATIO, occlusion_graph)
-from orcnn_core.predictor import Predictor  # noqa: E402
+from orcnn_core.visualize import draw_prediction  # noqa: E402
 from orcnn_ros import conversions  # noqa: E402
 from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
 
@@ -250,7 +250,6 @@ class PerceptionNode(LifecycleNode):
         self._debug_pub = None
         self._qos_reported = False
         self._applied = None  # (score_threshold, max_instances) set on the model
-        self._draw = None
         self.stats = conversions.PipelineStats()
         #: Set when the configure of autostart failed (the reason is in ``problem``).
         self.autostart_failed = False
@@ -311,6 +310,10 @@ class PerceptionNode(LifecycleNode):
                 what = "the bundled model " if not settings.model_path else ""
                 raise FileNotFoundError(f"{what}{path} does not exist")
             backend = self.get_parameter("backend").value
+            # torch loads here, not at import: bad parameters, --help and a stop during
+            # start-up answer at once.
+            from orcnn_core.predictor import Predictor
+
             predictor = Predictor.from_file(path, device=settings.device, backend=backend)
             predictor.backend.log = self.get_logger().info  # graph builds (fixed-size ones)
             # The limits the worker keeps: a fixed-size back-end's graph for the warm-up
@@ -555,21 +558,9 @@ class PerceptionNode(LifecycleNode):
             self.stats.frame_done(out.latency_ms, inference_ms, len(prediction))
         debug_pub = self._debug_pub
         if debug_pub is not None and debug_pub.get_subscription_count() > 0:
-            overlay = self._overlay(image, order, prediction, graph)
-            if overlay is not None:
-                debug_pub.publish(conversions.array_to_image_msg(overlay, order + "8",
-                                                                 msg.header))
-                self.stats.count("overlays")
-
-    def _overlay(self, image, order, prediction, graph):
-        if self._draw is None:
-            try:
-                from orcnn_core.visualize import draw_prediction
-            except ImportError as exc:
-                self.get_logger().error(f"no debug image: {exc}", once=True)
-                return None
-            self._draw = draw_prediction
-        return self._draw(image, prediction, graph, color_order=order)
+            overlay = draw_prediction(image, prediction, graph, color_order=order)
+            debug_pub.publish(conversions.array_to_image_msg(overlay, order + "8", msg.header))
+            self.stats.count("overlays")
 
     # ------------------------------------------------------------------ diagnostics
     def lifecycle_state(self) -> str:
