@@ -33,3 +33,13 @@ def assert_same_arrays(a, b, names):
     """The attributes ``names`` of ``a`` and ``b`` are equal arrays."""
     for name in names:
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def assert_one_line_error(code, err, *fragments):
+    """A command-line refusal: exit code 2 and one line on stderr, no traceback, holding
+    each of ``fragments``."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert str(fragment) in lines[0], err

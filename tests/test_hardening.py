@@ -24,7 +24,7 @@ from orcnn_core.fileio import check_not_an_input
 from orcnn_core.imageio import LIMIT_ENV, check_image_size, find_images
 from orcnn_core.synth import generate_dataset
 from orcnn_core.training import CHECKPOINT, LOG
-from helpers import logged_losses
+from helpers import assert_one_line_error, logged_losses
 from tiny_models import save_tiny_model, train_config, write_train_config
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -43,14 +43,6 @@ def tree_digest(folder) -> dict:
 def run_main(capfd, *args):
     code = main([str(a) for a in args])
     return code, capfd.readouterr().err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert str(fragment) in lines[0], err
 
 
 def run_console(*args, timeout=300, preexec_fn=None):

@@ -28,6 +28,7 @@ from orcnn_core.predictor import Predictor
 from orcnn_core.results import prediction_to_coco
 from orcnn_core.synth import check_scene, generate_dataset
 from orcnn_core.weights import build_from_file
+from helpers import assert_one_line_error
 from tiny_models import NODE_MODEL, save_tiny_model
 
 torch.set_num_threads(2)
@@ -222,14 +223,6 @@ def run_main(capfd, *args):
     code = main([str(a) for a in args])
     captured = capfd.readouterr()
     return code, captured.err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert str(fragment) in lines[0], err
 
 
 def test_bad_weights_and_images_exit_2(work, weights, synth, capfd):
