@@ -61,6 +61,12 @@ class ModelConfig:
     box_head_dim: int = 1024  # width of the two fully connected box-head layers
     mask_head_channels: int = 256  # width of the 4 conv + deconv layers of each mask head
     mask_roi_size: int = 14  # RoIAlign output for the mask heads; masks are 2x this (28)
+    # Pairwise occlusion-order head: for pairs of RoIs whose boxes overlap, P(A lies on B),
+    # P(B lies on A), P(neither) from the features of their union box and both soft masks;
+    # trained on the data's occlusion relations (an extra loss). Off: the order is decided
+    # from the masks alone (orcnn_core.occlusion).
+    order_head: bool = False
+    order_pairs_per_image: int = 64  # RoI pairs per training image the order loss sees
 
     # --- input transform ---
     min_size: int = 800  # shorter image side after resizing
@@ -218,15 +224,17 @@ class ModelConfig:
                  f"(num_classes {self.num_classes} includes the background)")
         if not all(isinstance(n, str) and n for n in self.class_names):
             fail("class_names", "must be non-empty strings")
-        if not isinstance(self.class_agnostic_masks, bool):
-            fail("class_agnostic_masks", "must be true or false")
+        for name in ("class_agnostic_masks", "order_head"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
         check_int("trainable_backbone_layers", 0, 6 if self.backbone.startswith("mobilenet")
                   else 5)
         for name in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_roi_size",
                      "min_size", "max_size", "rpn_pre_nms_top_n_train",
                      "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
                      "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
-                     "box_batch_size_per_image", "box_detections_per_img"):
+                     "box_batch_size_per_image", "box_detections_per_img",
+                     "order_pairs_per_image"):
             check_int(name, 1)
         if self.max_size < self.min_size:
             fail("max_size", f"must be >= min_size {self.min_size}")

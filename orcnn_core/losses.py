@@ -20,6 +20,7 @@ __all__ = [
     "loss_amodal_mask",
     "loss_visible_mask",
     "loss_invisible_mask",
+    "loss_occlusion_order",
     "total_loss",
 ]
 
@@ -141,8 +142,24 @@ def loss_invisible_mask(mask_logits: torch.Tensor, mask_targets: torch.Tensor,
     return _mask_loss(mask_logits, mask_targets, labels)
 
 
+def loss_occlusion_order(pair_logits: torch.Tensor, pair_targets: torch.Tensor) -> torch.Tensor:
+    """Pairwise occlusion-order loss: softmax cross-entropy over (A on B, B on A, neither).
+
+    Args:
+        pair_logits: float [P, 3], the order head's logits of P pairs (A, B) of RoIs.
+        pair_targets: int64 [P]: 0 when A lies on B, 1 when B lies on A, 2 when neither.
+    Returns:
+        scalar, mean over the P pairs (0 if P = 0, still depending on the logits so that
+        every parameter gets a gradient).
+    """
+    if pair_targets.numel() == 0:
+        return pair_logits.sum() * 0
+    return F.cross_entropy(pair_logits, pair_targets)
+
+
 def total_loss(losses: dict) -> torch.Tensor:
-    """Paper eq. (1) plus the RPN terms: ``L = L_cls + L_box + L_AM + L_VM + L_IVM (+ RPN)``.
+    """Paper eq. (1) plus the RPN terms: ``L = L_cls + L_box + L_AM + L_VM + L_IVM (+ RPN)``,
+    plus the occlusion-order loss when the model has an order head.
 
     ``losses`` is the model's loss dict; a variant that drops a term (e.g. L_IVM for
     ``orcnn_no_invisible_loss``) simply has no such key. Unweighted sum, as in the paper.

@@ -12,11 +12,15 @@ backbones, the RPN, the two-layer box head, MultiScaleRoIAlign and the Mask R-CN
 
 Training targets per image (dict of tensors): ``boxes`` float [N, 4] amodal xyxy in image
 pixels, ``labels`` int64 [N], ``amodal_masks`` and ``visible_masks`` uint8 [N, H+2P, W+2P],
-optional ``mask_padding`` int P (default 0). In training mode ``model(images, targets)``
-returns the loss dict (keys: the names of the functions in :mod:`orcnn_core.losses`); in eval
-mode ``model(images)`` returns per image ``boxes`` [D, 4] (original image pixels, amodal, may
-exceed the image), ``labels`` [D], ``scores`` [D], ``amodal_mask_logits`` and
-``visible_mask_logits`` [D, M, M] (M = 2 * mask_roi_size) on the box of each detection.
+optional ``mask_padding`` int P (default 0), optional ``occlusion_relations`` int64 [K, 2]
+(upper, lower) instance indices (the order head's targets). In training mode
+``model(images, targets)`` returns the loss dict (keys: the names of the functions in
+:mod:`orcnn_core.losses`); in eval mode ``model(images)`` returns per image ``boxes``
+[D, 4] (original image pixels, amodal, may exceed the image), ``labels`` [D], ``scores``
+[D], ``amodal_mask_logits`` and ``visible_mask_logits`` [D, M, M] (M = 2 * mask_roi_size)
+on the box of each detection.
+With ``order_head`` on, each detection dict also has ``order_probs`` [D, D]: entry (a, b)
+is P(a lies on b), 0 for pairs whose boxes do not overlap.
 Masks are not pasted into the full image here: :mod:`orcnn_core.predictor` does the cheap
 per-box resampling the node needs.
 """
@@ -47,13 +51,15 @@ from orcnn_core.losses import (
     loss_classifier,
     loss_invisible_mask,
     loss_objectness,
+    loss_occlusion_order,
     loss_rpn_box_reg,
     loss_visible_mask,
     occlusion_logits,
 )
 
-__all__ = ["ORCNN", "ORCNNRoIHeads", "ORCNNRPN", "build_model", "build_backbone",
-           "project_masks_on_boxes", "image_mask_targets"]
+__all__ = ["ORCNN", "ORCNNRoIHeads", "ORCNNRPN", "PairOrderHead", "build_model",
+           "build_backbone", "project_masks_on_boxes", "image_mask_targets",
+           "overlapping_pairs", "pair_order_targets"]
 
 
 # ---------------------------------------------------------------------------------- backbone
@@ -170,6 +176,90 @@ def image_mask_targets(target: dict, rois: torch.Tensor, matched_idxs: torch.Ten
                                   matched_idxs, size)
 
 
+# ---------------------------------------------------------------------------------- order
+#: The order head's classes: A lies on B, B lies on A, neither.
+A_ON_B, B_ON_A, NEITHER = 0, 1, 2
+
+
+def overlapping_pairs(boxes: torch.Tensor) -> torch.Tensor:
+    """int64 [P, 2]: the index pairs (i, j), i < j, of boxes [N, 4] (xyxy) whose areas
+    intersect; only such objects can lie on one another."""
+    n = boxes.shape[0]
+    i, j = torch.triu_indices(n, n, 1, device=boxes.device)
+    width = torch.min(boxes[i, 2], boxes[j, 2]) - torch.max(boxes[i, 0], boxes[j, 0])
+    height = torch.min(boxes[i, 3], boxes[j, 3]) - torch.max(boxes[i, 1], boxes[j, 1])
+    keep = (width > 0) & (height > 0)
+    return torch.stack([i[keep], j[keep]], 1)
+
+
+def pair_order_targets(pairs: torch.Tensor, matched: torch.Tensor,
+                       relations: torch.Tensor) -> torch.Tensor:
+    """Order-head targets [P] of RoI pairs (:data:`A_ON_B`, :data:`B_ON_A`, :data:`NEITHER`).
+
+    Args:
+        pairs: int64 [P, 2], RoI indices (A, B).
+        matched: int64 [R], the ground-truth instance of each RoI.
+        relations: int64 [K, 2], ground-truth (upper, lower): upper lies on lower.
+    """
+    targets = torch.full((pairs.shape[0],), NEITHER, dtype=torch.int64, device=pairs.device)
+    if pairs.numel() == 0 or relations.numel() == 0:
+        return targets
+    a, b = matched[pairs[:, 0]], matched[pairs[:, 1]]
+    size = int(max(matched.max().item(), relations.max().item())) + 1
+    on = torch.zeros((size, size), dtype=torch.bool, device=pairs.device)
+    on[relations[:, 0], relations[:, 1]] = True
+    targets[on[b, a]] = B_ON_A
+    targets[on[a, b]] = A_ON_B
+    return targets
+
+
+def _masks_on_union(probs: torch.Tensor, boxes: torch.Tensor, union: torch.Tensor,
+                    members: torch.Tensor, size: int) -> torch.Tensor:
+    """Each pair member's soft masks [R, 2, M, M] (over its own box) resampled onto the
+    pair's union box: float [P, 2, size, size], zero outside the member's box."""
+    cells = probs.shape[-1]
+    own = boxes[members]
+    scale_x = cells / (own[:, 2] - own[:, 0]).clamp_min(1e-3)
+    scale_y = cells / (own[:, 3] - own[:, 1]).clamp_min(1e-3)
+    in_mask = torch.stack([(union[:, 0] - own[:, 0]) * scale_x,
+                           (union[:, 1] - own[:, 1]) * scale_y,
+                           (union[:, 2] - own[:, 0]) * scale_x,
+                           (union[:, 3] - own[:, 1]) * scale_y], 1)
+    rois = torch.cat([members[:, None].to(in_mask), in_mask], 1)
+    return roi_align(probs, rois, (size, size), 1.0, sampling_ratio=2, aligned=True)
+
+
+class PairOrderHead(nn.Module):
+    """Pairwise occlusion order (in the spirit of InstaOrderNet, Lee & Park 2022).
+
+    For a pair (A, B): RoIAlign features of the union of both boxes, stacked with the
+    amodal and visible probabilities of A and of B resampled onto that box, through two
+    convolutions and two fully connected layers to logits of (A on B, B on A, neither).
+    The head runs on (A, B) and on (B, A) and averages, so swapping A and B swaps the
+    first two probabilities exactly.
+    """
+
+    def __init__(self, in_channels: int, width: int, size: int):
+        super().__init__()
+        self.size = size
+        half = (size + 1) // 2
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels + 4, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(width * half * half, width),
+                                nn.ReLU(inplace=True), nn.Linear(width, 3))
+
+    def _one_way(self, union_features, masks_a, masks_b):
+        return self.fc(self.convs(torch.cat([union_features, masks_a, masks_b], 1)))
+
+    def forward(self, union_features: torch.Tensor, masks_a: torch.Tensor,
+                masks_b: torch.Tensor) -> torch.Tensor:
+        """Logits [P, 3] from union features [P, C, S, S] and masks [P, 2, S, S] each."""
+        forward = self._one_way(union_features, masks_a, masks_b)
+        backward = self._one_way(union_features, masks_b, masks_a)
+        return (forward + backward[:, [B_ON_A, A_ON_B, NEITHER]]) / 2
+
+
 class ORCNNRoIHeads(RoIHeads):
     """torchvision's RoIHeads (box sampling, box head, box post-processing) + two mask heads.
 
@@ -182,7 +272,7 @@ class ORCNNRoIHeads(RoIHeads):
     def __init__(self, *args, mask_roi_pool, amodal_mask_head, amodal_mask_predictor,
                  visible_mask_head=None, visible_mask_predictor=None,
                  mask_losses=("loss_amodal_mask",), independent=False, box_clip_margin=0.5,
-                 **kwargs):
+                 order_head=None, order_pairs_per_image=64, **kwargs):
         # mask_head/mask_predictor stay None in the base class: its Mask R-CNN path (and its
         # check for a "masks" target) is unused; the mask heads below replace it.
         super().__init__(*args, mask_roi_pool=mask_roi_pool, **kwargs)
@@ -193,6 +283,8 @@ class ORCNNRoIHeads(RoIHeads):
         self.mask_losses = tuple(mask_losses)
         self.independent = independent
         self.box_clip_margin = box_clip_margin
+        self.order_head = order_head
+        self.order_pairs_per_image = order_pairs_per_image
 
     def mask_logits(self, features, boxes, image_shapes):
         """Amodal and visible logits [R, C, M, M] of the boxes (visible is None for
@@ -205,6 +297,66 @@ class ORCNNRoIHeads(RoIHeads):
             roi_features = roi_features.detach()
         visible = self.visible_mask_predictor(self.visible_mask_head(roi_features))
         return amodal, visible
+
+    def pair_order_logits(self, features, boxes, probs, pairs, image_shapes):
+        """Order-head logits [sum P_i, 3] of the RoI pairs of each image.
+
+        Args:
+            features: dict of FPN maps [B, C, h, w].
+            boxes: list of B float [R_i, 4], RoIs in resized image pixels.
+            probs: float [sum R_i, 2, M, M], amodal and visible probabilities of the RoIs.
+            pairs: list of B int64 [P_i, 2], RoI indices within their image.
+            image_shapes: list of B (height, width) after resizing.
+        """
+        union = [torch.cat([torch.min(b[p[:, 0], :2], b[p[:, 1], :2]),
+                            torch.max(b[p[:, 0], 2:], b[p[:, 1], 2:])], 1)
+                 for b, p in zip(boxes, pairs)]
+        union_features = self.mask_roi_pool(features, union, image_shapes)
+        offsets = [0]
+        for b in boxes[:-1]:
+            offsets.append(offsets[-1] + b.shape[0])
+        first = torch.cat([p[:, 0] + o for p, o in zip(pairs, offsets)])
+        second = torch.cat([p[:, 1] + o for p, o in zip(pairs, offsets)])
+        all_boxes, all_union = torch.cat(boxes), torch.cat(union)
+        size = union_features.shape[-1]
+        return self.order_head(union_features,
+                               _masks_on_union(probs, all_boxes, all_union, first, size),
+                               _masks_on_union(probs, all_boxes, all_union, second, size))
+
+    def _order_probabilities(self, features, boxes, amodal, visible, image_shapes) -> list:
+        """Per image float [D, D]: entry (a, b) is P(detection a lies on detection b); 0
+        for pairs whose boxes do not overlap."""
+        pairs = [overlapping_pairs(b) for b in boxes]
+        probs = torch.stack([amodal, visible], 1).sigmoid()
+        softmax = self.pair_order_logits(features, boxes, probs, pairs, image_shapes) \
+            .softmax(1).split([p.shape[0] for p in pairs])
+        matrices = []
+        for b, p, s in zip(boxes, pairs, softmax):
+            matrix = b.new_zeros((b.shape[0], b.shape[0]))
+            matrix[p[:, 0], p[:, 1]] = s[:, A_ON_B]
+            matrix[p[:, 1], p[:, 0]] = s[:, B_ON_A]
+            matrices.append(matrix)
+        return matrices
+
+    def _order_loss(self, features, boxes, matched, amodal, visible, targets,
+                    image_shapes) -> torch.Tensor:
+        """:func:`loss_occlusion_order` on pairs of foreground RoIs of different objects
+        whose boxes overlap (at most ``order_pairs_per_image``, evenly spread, so no random
+        draw changes a resumed run), for images whose targets carry
+        ``occlusion_relations``. The masks enter as detached probabilities."""
+        pairs, pair_targets = [], []
+        for b, m, t in zip(boxes, matched, targets):
+            p = overlapping_pairs(b)
+            p = p[m[p[:, 0]] != m[p[:, 1]]] if "occlusion_relations" in t else p[:0]
+            if p.shape[0] > self.order_pairs_per_image:
+                p = p[torch.linspace(0, p.shape[0] - 1, self.order_pairs_per_image,
+                                     device=p.device).round().long()]
+            pairs.append(p)
+            relations = t.get("occlusion_relations", m.new_zeros((0, 2)))
+            pair_targets.append(pair_order_targets(p, m, relations.to(m.device)))
+        probs = torch.stack([amodal, visible], 1).detach().sigmoid()
+        logits = self.pair_order_logits(features, boxes, probs, pairs, image_shapes)
+        return loss_occlusion_order(logits, torch.cat(pair_targets))
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
         # torchvision clips boxes to the image, but amodal boxes of objects cut by the border
@@ -253,13 +405,18 @@ class ORCNNRoIHeads(RoIHeads):
             channel = all_labels if amodal.shape[1] > 1 else torch.zeros_like(all_labels)
             index = torch.arange(channel.shape[0], device=channel.device)
             counts = [b.shape[0] for b in boxes]
-            amodal = amodal[index, channel].split(counts)
-            visible = visible[index, channel].split(counts)
+            amodal, visible = amodal[index, channel], visible[index, channel]
             result = [
                 {"boxes": b, "labels": lab, "scores": s,
                  "amodal_mask_logits": a, "visible_mask_logits": v}
-                for b, lab, s, a, v in zip(boxes, labels, scores, amodal, visible)
+                for b, lab, s, a, v in zip(boxes, labels, scores, amodal.split(counts),
+                                           visible.split(counts))
             ]
+            if self.order_head is not None:
+                orders = self._order_probabilities(features, boxes, amodal, visible,
+                                                   image_shapes)
+                for r, order in zip(result, orders):
+                    r["order_probs"] = order
             return result, {}
 
         all_labels = torch.cat(labels)
@@ -294,6 +451,13 @@ class ORCNNRoIHeads(RoIHeads):
                                          visible)
             losses["loss_invisible_mask"] = loss_invisible_mask(occlusion, mask_targets[:, 2],
                                                                 mask_labels)
+        if self.order_head is not None:
+            index = torch.arange(mask_labels.shape[0], device=mask_labels.device)
+            channel = mask_labels if amodal.shape[1] > 1 else torch.zeros_like(mask_labels)
+            amodal = amodal[index, channel]
+            visible = amodal if visible is None else visible[index, channel]
+            losses["loss_occlusion_order"] = self._order_loss(
+                features, mask_boxes, pos_matched, amodal, visible, targets, image_shapes)
         return [], losses
 
 
@@ -343,6 +507,9 @@ class ORCNN(GeneralizedRCNN):
             mask_losses=cfg.mask_losses,
             independent=cfg.variant == "orcnn_independent",
             box_clip_margin=cfg.box_clip_margin,
+            order_head=PairOrderHead(channels, width, cfg.mask_roi_size) if cfg.order_head
+            else None,
+            order_pairs_per_image=cfg.order_pairs_per_image,
         )
         transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size,
                                              list(cfg.image_mean), list(cfg.image_std))
@@ -407,6 +574,13 @@ def _check_targets(targets, image_sizes) -> None:
         pad = int(t.get("mask_padding", 0))
         if pad < 0:
             raise InputError(f"target {i}: mask_padding must be >= 0, got {pad}")
+        relations = t.get("occlusion_relations")
+        if relations is not None and (relations.dim() != 2 or relations.shape[1] != 2
+                                      or relations.dtype != torch.int64
+                                      or bool(((relations < 0) | (relations >= n)).any())):
+            raise InputError(f"target {i}: occlusion_relations must be int64 K x 2 indices "
+                             f"into the {n} instances, got {tuple(relations.shape)} "
+                             f"{relations.dtype}")
         expected = (n, height + 2 * pad, width + 2 * pad)
         for key in ("amodal_masks", "visible_masks"):
             if tuple(t[key].shape) != expected:

@@ -103,8 +103,10 @@ def open_scenes(source: str, images: str, spec: SynthDataConfig, where: str):
     return load_dataset(path, images_dir=images_dir)
 
 
-def sample_to_tensors(sample: AmodalSample, flip: bool):
-    """(image float [3, H, W] in [0, 1], target dict) as the model takes them."""
+def sample_to_tensors(sample: AmodalSample, flip: bool, relations_known: bool = True):
+    """(image float [3, H, W] in [0, 1], target dict) as the model takes them. The target
+    carries ``occlusion_relations`` when they are known (not for modal-only samples, nor
+    for files that state none), so an order head never learns "neither" from silence."""
     image = sample.load_image()
     amodal, visible, boxes = sample.amodal_masks, sample.visible_masks, sample.boxes.copy()
     if flip:
@@ -120,6 +122,8 @@ def sample_to_tensors(sample: AmodalSample, flip: bool):
         "visible_masks": torch.from_numpy(np.ascontiguousarray(visible)),
         "mask_padding": int(sample.mask_padding),
     }
+    if relations_known and not sample.modal_only:
+        target["occlusion_relations"] = torch.from_numpy(sample.occlusion_relations).long()
     return x, target
 
 
@@ -154,13 +158,15 @@ class IterationSampler(torch.utils.data.Sampler):
 class _TrainingSet(torch.utils.data.Dataset):
     def __init__(self, scenes):
         self.scenes = scenes
+        # Synthetic scenes know every relation; a file only when it states them.
+        self.relations_known = getattr(scenes, "relations_given", True)
 
     def __len__(self):
         return len(self.scenes)
 
     def __getitem__(self, item):
         index, flip = item
-        return sample_to_tensors(self.scenes[index], flip)
+        return sample_to_tensors(self.scenes[index], flip, self.relations_known)
 
 
 def _collate(batch):
