@@ -425,7 +425,14 @@ class ORCNNRoIHeads(RoIHeads):
             "loss_box_reg": loss_box_reg(box_regression, all_labels,
                                          torch.cat(regression_targets)),
         }
+        losses.update(self._mask_losses(features, proposals, labels, matched_idxs, targets,
+                                        image_shapes, original_image_sizes))
+        return [], losses
 
+    def _mask_losses(self, features, proposals, labels, matched_idxs, targets, image_shapes,
+                     original_image_sizes) -> dict:
+        """The mask losses of the variant (and the order loss) on the foreground RoIs."""
+        losses = {}
         # Mask heads on the foreground RoIs, targets from the original-resolution masks.
         mask_boxes, pos_matched, mask_labels = [], [], []
         for i in range(len(proposals)):
@@ -458,7 +465,7 @@ class ORCNNRoIHeads(RoIHeads):
             visible = amodal if visible is None else visible[index, channel]
             losses["loss_occlusion_order"] = self._order_loss(
                 features, mask_boxes, pos_matched, amodal, visible, targets, image_shapes)
-        return [], losses
+        return losses
 
 
 # ---------------------------------------------------------------------------------- model

@@ -15,8 +15,10 @@ parts outside the image (truncation) never make an edge.
 Confidence. P(A lies on B) = e(A, B) / (e(A, B) + e(B, A) + PRIOR_PIXELS)
 (:func:`edge_confidence`). An edge A -> B is kept when e(A, B) >= ``min_overlap_pixels``,
 e(A, B) / amodal area of B >= ``min_overlap_ratio`` and its confidence >=
-``min_confidence``. The defaults were tuned on held-out synthetic scenes of a validation
-seed (docs/evaluation.md). ``free_probability[i]`` = product over all j of
+``min_confidence``. With a model that has an order head (``prediction.order``), P(A lies
+on B) is the head's probability instead, for every pair whose boxes overlap; the pixel
+evidence is still reported and thresholded. The defaults were tuned on held-out synthetic
+scenes of a validation seed (docs/evaluation.md). ``free_probability[i]`` = product over all j of
 (1 - P(j lies on i)): the probability that nothing lies on instance i.
 
 Cycles. A model can predict A on B and B on A, or longer loops. While the graph has a
@@ -394,15 +396,22 @@ def occlusion_graph(prediction, min_overlap_pixels: float = MIN_OVERLAP_PIXELS,
     anything with ``rois``, ``crops``, ``scores``, ``amodal_areas`` and, optionally,
     ``probs``).
 
-    The order is decided on the mask probabilities when the prediction has them, else on
-    its labels (see the module doc). An edge needs positive evidence even when every
+    The order is decided on the order head's probabilities when the prediction has them
+    (``order``), else on the mask probabilities (``probs``), else on its labels (see the
+    module doc). An edge needs positive evidence even when every
     threshold is 0. Raises :class:`InputError` for a threshold out of range.
     """
     _check_thresholds(min_overlap_pixels, min_overlap_ratio, min_confidence, prior_pixels)
     n = len(prediction.crops)
     pairs, evidence = pair_evidence(prediction.rois, prediction.crops,
                                     getattr(prediction, "probs", None))
-    confidence = edge_confidence(evidence, _reverse_lookup(pairs, evidence, n), prior_pixels)
+    order = getattr(prediction, "order", None)
+    if order is None:
+        confidence = edge_confidence(evidence, _reverse_lookup(pairs, evidence, n),
+                                     prior_pixels)
+    else:
+        pairs, evidence, confidence = _head_pairs(np.asarray(order, np.float64), pairs,
+                                                  evidence, n)
     amodal = np.asarray(prediction.amodal_areas, np.int64).reshape(n)
     ratios = (evidence / np.maximum(amodal[pairs[:, 1]], 1)).astype(np.float32)
     terms = _occluder_terms(n, pairs, confidence)
@@ -431,6 +440,18 @@ def occlusion_graph(prediction, min_overlap_pixels: float = MIN_OVERLAP_PIXELS,
         has_cycle=bool(len(dropped)),
         dropped_edges=pairs[dropped].reshape(-1, 2).astype(np.int64),
     )
+
+
+def _head_pairs(order: np.ndarray, pairs: np.ndarray, evidence: np.ndarray, n: int):
+    """(pairs, evidence, confidence) with the order head's probabilities as confidence:
+    every ordered pair the head scored (its boxes overlap), with the pixel evidence of the
+    masks where they have some (else 0)."""
+    if order.shape != (n, n) or not np.isfinite(order).all():
+        raise InputError(f"order must be a finite {n} x {n} matrix, got {order.shape}")
+    table = np.zeros((n, n), np.float64)
+    table[pairs[:, 0], pairs[:, 1]] = evidence
+    a, b = np.nonzero(order > 0)
+    return np.stack([a, b], 1).astype(np.int64), table[a, b], np.clip(order[a, b], 0, 1)
 
 
 def _reverse_lookup(pairs: np.ndarray, evidence: np.ndarray, n: int) -> np.ndarray:

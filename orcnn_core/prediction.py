@@ -28,7 +28,9 @@ class Prediction:
     ``probs`` (optional) N uint8 arrays [2, height, width]: the amodal and visible mask
     probabilities over the roi, 255 = 1 (0 outside the image for visible), the evidence the
     occlusion order is decided on (:mod:`orcnn_core.occlusion`); None when only the labels
-    are known (then the order is decided on the labels).
+    are known (then the order is decided on the labels); ``order`` (optional) float32
+    [N, N]: entry (i, j) is the order head's probability that instance i lies on instance j
+    (0 where their boxes do not overlap), None for a model without an order head.
     """
 
     boxes: np.ndarray
@@ -39,6 +41,7 @@ class Prediction:
     crops: list
     image_size: tuple
     probs: list = None
+    order: np.ndarray = None
     _stats: dict = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -52,15 +55,16 @@ class Prediction:
 
     def subset(self, indices) -> "Prediction":
         """A new Prediction of the instances at ``indices`` (any int sequence or array, in
-        that order; repeats allowed), ``probs`` included when present; this one is not
-        changed. The per-instance crops are shared, not copied."""
+        that order; repeats allowed), ``probs`` and ``order`` included when present; this
+        one is not changed. The per-instance crops are shared, not copied."""
         index = np.asarray(indices, np.int64).reshape(-1)
         picked = index.tolist()
         return type(self)(
             boxes=self.boxes[index], scores=self.scores[index], labels=self.labels[index],
             class_names=[self.class_names[i] for i in picked], rois=self.rois[index],
             crops=[self.crops[i] for i in picked], image_size=tuple(self.image_size),
-            probs=None if self.probs is None else [self.probs[i] for i in picked])
+            probs=None if self.probs is None else [self.probs[i] for i in picked],
+            order=None if self.order is None else self.order[np.ix_(index, index)])
 
     def _counts(self) -> dict:
         if self._stats is None:

@@ -214,6 +214,8 @@ class Predictor:
             crops=_to_numpy(crops),
             image_size=tuple(image_size),
             probs=_to_numpy(probs),
+            order=None if "order_probs" not in det
+            else det["order_probs"].float().cpu().numpy(),
         )
 
 

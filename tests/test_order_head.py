@@ -1,8 +1,10 @@
 """The pairwise occlusion-order head: shapes, symmetry, targets, its loss on empty and
 one-object images, and that it can learn an order from the soft masks."""
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,8 +12,10 @@ from orcnn_core.errors import InputError
 from orcnn_core.losses import loss_occlusion_order
 from orcnn_core.model import (A_ON_B, B_ON_A, NEITHER, PairOrderHead, build_model,
                               overlapping_pairs, pair_order_targets)
+from orcnn_core.occlusion import occlusion_graph
 from orcnn_core.weights import build_from_file, save_weights
 from test_model import empty_sample, sample
+from test_occlusion import canvas_instance, prediction_from_masks
 from tiny_models import tiny_config
 
 BOX_RPN_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -161,3 +165,44 @@ def test_head_learns_the_order_from_soft_masks():
         optimiser.step()
     predicted = head(features, masks_a, masks_b).argmax(1)
     assert (predicted == targets).all()
+
+
+# ------------------------------------------------------------------ the head in the graph
+def head_prediction(order):
+    """Two objects side by side whose label crops touch but do not overlap (the mask rules
+    see no evidence), and a third far away; ``order`` is the head's matrix."""
+    left = canvas_instance([(10, 10, 40, 40)], [(10, 10, 40, 40)])
+    right = canvas_instance([(40, 10, 70, 40)], [(40, 10, 70, 40)])
+    far = canvas_instance([(90, 70, 110, 90)], [(90, 70, 110, 90)])
+    pred = prediction_from_masks([left, right, far], [0.9, 0.8, 0.7])
+    pred.order = np.asarray(order, np.float32)
+    return pred
+
+
+def test_graph_takes_confidence_and_free_probability_from_the_head():
+    order = [[0, 0.9, 0], [0.05, 0, 0], [0, 0, 0]]  # 0 lies on 1 (P 0.9); 1 on 0 (P 0.05)
+    pred = head_prediction(order)
+    graph = occlusion_graph(pred, min_overlap_pixels=0)
+    assert graph.edges.tolist() == [[0, 1]]
+    assert graph.confidence.tolist() == pytest.approx([0.9])
+    assert graph.free_probability.tolist() == pytest.approx([0.95, 0.1, 1.0])
+    assert graph.pick_order.tolist() == [2, 0, 1]  # 2 and 0 free (2 more likely), then 1
+    # Without the head the masks decide: the crops do not overlap, so no edge at all.
+    masks_only = occlusion_graph(dataclasses.replace(pred, order=None), min_overlap_pixels=0)
+    assert masks_only.edges.shape == (0, 2)
+    # With the default pixel threshold an edge also needs evidence in the masks.
+    assert occlusion_graph(pred).edges.shape == (0, 2)
+    # Below the confidence threshold: no edge, but the probability still counts.
+    weak = occlusion_graph(head_prediction([[0, 0.4, 0], [0, 0, 0], [0, 0, 0]]),
+                           min_overlap_pixels=0)
+    assert weak.edges.shape == (0, 2)
+    assert weak.free_probability.tolist() == pytest.approx([1.0, 0.6, 1.0])
+
+
+def test_subset_keeps_the_head_matrix_in_step():
+    order = np.arange(9, dtype=np.float32).reshape(3, 3) / 10
+    pred = head_prediction(order)
+    np.testing.assert_allclose(pred.subset([2, 0]).order, [[0.8, 0.6], [0.2, 0.0]],
+                               rtol=1e-6)
+    with pytest.raises(InputError, match="order must be a finite 3 x 3"):
+        occlusion_graph(head_prediction(np.ones((2, 2))))
