@@ -13,12 +13,14 @@ Arguments (``ros2 launch orcnn_ros perception.launch.py --show-args``):
                     there too: the bundled model)
     namespace       namespace of the node; outputs become /<namespace>/amodal_instances
     use_compressed  true or false; overrides the params file's value
+    autostart       true (default): the node configures and activates itself; false: it
+                    waits unconfigured for `ros2 lifecycle set`; overrides the params
+                    file's value
 emulate_tty:=true (read by launch itself) runs the node on a pseudo-terminal, for coloured
 log lines; by default it is off, so log files hold no colour codes.
 
 The node configures and activates itself when its parameter autostart is true (the
-default; set it false in the params file to drive it with `ros2 lifecycle set`). When that
-configure fails (e.g. a bad model file), the node process ends with exit status 1 and an
+default; autostart:=false to drive it with `ros2 lifecycle set`). When that configure fails (e.g. a bad model file), the node process ends with exit status 1 and an
 error naming the file, unless its parameter exit_on_configure_failure is false.
 """
 
@@ -85,6 +87,7 @@ def generate_launch_description():
         # 'true' and 'false'.
         "use_compressed": ParameterValue(LaunchConfiguration("use_compressed"),
                                          value_type=bool),
+        "autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool),
     }
     return LaunchDescription([
         DeclareLaunchArgument(
@@ -103,6 +106,10 @@ def generate_launch_description():
         DeclareLaunchArgument(
             "use_compressed", default_value="false", choices=["true", "false"],
             description="subscribe to <image_topic>/compressed (CompressedImage)"),
+        DeclareLaunchArgument(
+            "autostart", default_value="true", choices=["true", "false"],
+            description="configure and activate the node at start; false: wait for "
+                        "`ros2 lifecycle set`"),
         OpaqueFunction(function=check_params_file),
         LifecycleNode(
             package="orcnn_ros",

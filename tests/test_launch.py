@@ -9,6 +9,7 @@ a few seconds, mostly the node's import of torch.
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import threading
@@ -255,9 +256,9 @@ def robot_launch(domain, params_file, record):
 
 @launch_fixture
 def compressed_manual_launch(domain, tmp_path, tiny_model_path, record):
-    manual = write_params(tmp_path / "manual.yaml", tiny_model_path, autostart=False)
     return perception_launch(record, namespace="robot2", image_topic="/test_cam2/image_raw",
-                             params_file=manual, use_compressed="true")
+                             params_file=write_params(tmp_path / "p.yaml", tiny_model_path),
+                             use_compressed="true", autostart="false")
 
 
 @launch_fixture
@@ -279,6 +280,21 @@ def test_namespace_params_file_remap_and_live_parameters(client, record):
                                     out.append, RELIABLE)
     pub = client.node.create_publisher(Image, "/test_cam/image_raw", RELIABLE)
     assert len(client.answer(pub, out, "/test_cam/image_raw").instances) == 7
+    # What a planner's developer reads with `ros2 topic echo --field pick_order`.
+    echo = subprocess.Popen(
+        ["ros2", "topic", "echo", "/robot1/amodal_instances", "--field", "pick_order",
+         "--once", "--qos-reliability", "reliable"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client.wait(lambda: client.node.count_subscribers("/robot1/amodal_instances") >= 2,
+                    "`ros2 topic echo` to subscribe", 60)
+        published = list(client.answer(pub, out, "/test_cam/image_raw").pick_order)
+        printed, _ = echo.communicate(timeout=60)
+    finally:
+        echo.kill()
+    assert sorted(published) == list(range(7))
+    numbers = printed.split("---")[0].split("[", 1)[-1]
+    assert [int(v) for v in re.findall(r"-?\d+", numbers)] == published, printed
     # No colour codes in what the node writes (emulate_tty is off by default).
     assert "\x1b[" not in record.text()
 
@@ -297,7 +313,7 @@ def test_namespace_params_file_remap_and_live_parameters(client, record):
 @pytest.mark.launch(fixture=compressed_manual_launch)
 def test_compressed_input_and_lifecycle_set(client, record):
     node = "/robot2/orcnn_perception"
-    # autostart false (params file): the node waits, unconfigured, for `ros2 lifecycle set`.
+    # autostart:=false: the node waits, unconfigured, for `ros2 lifecycle set`.
     client.wait_for_state(node, State.PRIMARY_STATE_UNCONFIGURED, record)
     for transition in ("configure", "activate"):
         result = ros2_no_daemon("lifecycle set", node, transition)

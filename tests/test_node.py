@@ -534,7 +534,7 @@ def test_launch_file_arguments():
                 if isinstance(node, ast.Call) and getattr(node.func, "id", "")
                 == "DeclareLaunchArgument"}
     assert declared == {"image_topic", "params_file", "model_path", "namespace",
-                        "use_compressed"}
+                        "use_compressed", "autostart"}
     try:
         from launch.launch_description_sources import PythonLaunchDescriptionSource
         from launch_ros.actions import Node
