@@ -20,8 +20,9 @@ emulate_tty:=true (read by launch itself) runs the node on a pseudo-terminal, fo
 log lines; by default it is off, so log files hold no colour codes.
 
 The node configures and activates itself when its parameter autostart is true (the
-default; autostart:=false to drive it with `ros2 lifecycle set`). When that configure fails (e.g. a bad model file), the node process ends with exit status 1 and an
-error naming the file, unless its parameter exit_on_configure_failure is false.
+default; autostart:=false to drive it with `ros2 lifecycle set`). When that configure
+fails (e.g. a bad model file), the node process ends with exit status 1 and an error naming
+the file, unless its parameter exit_on_configure_failure is false.
 """
 
 import os

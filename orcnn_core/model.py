@@ -522,6 +522,18 @@ class ORCNN(GeneralizedRCNN):
                                              list(cfg.image_mean), list(cfg.image_std))
         super().__init__(backbone, rpn, roi_heads, transform)
         self.config = cfg
+        self.only_order_head = False
+
+    def train_only_order_head(self) -> None:
+        """Freeze every parameter but the order head's, to add a head to a trained model:
+        the rest gets no gradient (backward stops at the head) and its batch-norm
+        statistics stay as trained."""
+        if self.roi_heads.order_head is None:
+            raise InputError("the model has no order head (model config order_head: false)")
+        self.only_order_head = True
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name.startswith("roi_heads.order_head."))
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> "ORCNN":
         """Set training or eval mode, and the memory layout of the convolution weights.
@@ -535,6 +547,10 @@ class ORCNN(GeneralizedRCNN):
         once; the Parameter objects, and so optimiser references, stay the same.
         """
         super().train(mode)
+        if mode and self.only_order_head:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()  # frozen: the statistics stay those of the trained model
         on_cpu = all(p.device.type == "cpu" for p in self.parameters())
         layout = torch.channels_last if on_cpu and not mode else torch.contiguous_format
         # Normal tensors even when eval() is called under inference_mode: the same

@@ -83,6 +83,11 @@ class DataConfig:
     train_images: str = ""  # image folder; default: the annotation file's folder
     val: str = "synth"
     val_images: str = ""
+    # Layout of the annotation files: auto (detected from the keys) or a name of
+    # orcnn_core.data.FORMAT_NAMES (amodal_coco, coco, cocoa, kins2019, ...); COCOA images
+    # with several annotators: the first one's regions, or all merged.
+    format: str = "auto"
+    annotators: str = "first"
     synth_train: SynthDataConfig = field(default_factory=SynthDataConfig)
     synth_val: SynthDataConfig = field(
         default_factory=lambda: SynthDataConfig(num_images=50, seed=1000))
@@ -104,6 +109,9 @@ class SolverConfig:
     warmup_factor: float = 0.001
     grad_clip_norm: float = 0.0  # 0: off
     amp: bool = True  # mixed precision; used on CUDA only
+    # all: train every trainable layer; order_head: only the order head (the rest frozen,
+    # e.g. to add the head to a trained model with init_weights)
+    trainable: str = "all"
 
 
 @dataclass
@@ -248,6 +256,10 @@ def validate(cfg: TrainConfig, where: str) -> TrainConfig:
         fail("solver.optimizer", f"must be sgd or adamw, got {s.optimizer!r}")
     if not s.lr > 0:
         fail("solver.lr", f"must be > 0, got {s.lr}")
+    if s.trainable not in ("all", "order_head"):
+        fail("solver.trainable", f"must be all or order_head, got {s.trainable!r}")
+    if s.trainable == "order_head" and not cfg.model.order_head:
+        fail("solver.trainable", "is order_head, but model.order_head is false")
     if list(s.steps) != sorted(s.steps):
         fail("solver.steps", f"must be increasing, got {list(s.steps)}")
     if cfg.weights_dtype not in ("float32", "float16"):

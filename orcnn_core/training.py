@@ -90,8 +90,10 @@ class SynthScenes:
                             image_id=i + 1, file_name=f"images/{i + 1:06d}.png")
 
 
-def open_scenes(source: str, images: str, spec: SynthDataConfig, where: str):
-    """The scenes a ``data.train`` / ``data.val`` setting names (checked before training)."""
+def open_scenes(source: str, images: str, spec: SynthDataConfig, where: str,
+                fmt: str = "auto", annotators: str = "first"):
+    """The scenes a ``data.train`` / ``data.val`` setting names (checked before training),
+    a file read as ``data.format`` / ``data.annotators`` say."""
     if source == "synth":
         return SynthScenes(spec)
     path = Path(source)
@@ -100,7 +102,10 @@ def open_scenes(source: str, images: str, spec: SynthDataConfig, where: str):
     images_dir = images or str(path.parent)
     if not Path(images_dir).is_dir():
         raise InputError(f"{where}: image folder {images_dir} does not exist")
-    return load_dataset(path, images_dir=images_dir)
+    try:
+        return load_dataset(path, images_dir=images_dir, fmt=fmt, annotators=annotators)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def sample_to_tensors(sample: AmodalSample, flip: bool, relations_known: bool = True):
@@ -471,9 +476,9 @@ def _open_checked_inputs(cfg: TrainConfig, resume: bool, out: Path, rank: int):
     """(training scenes, validation scenes), after every check that can fail before the
     first iteration; also removes temporary files a killed run left in ``out``."""
     train_scenes = open_scenes(cfg.data.train, cfg.data.train_images, cfg.data.synth_train,
-                               "data.train")
+                               "data.train", cfg.data.format, cfg.data.annotators)
     val_scenes = open_scenes(cfg.data.val, cfg.data.val_images, cfg.data.synth_val,
-                             "data.val")
+                             "data.val", cfg.data.format, cfg.data.annotators)
     if cfg.init_weights and not resume and not Path(cfg.init_weights).is_file():
         raise InputError(f"init_weights {cfg.init_weights}: no such file")
     check_output_dir(out)
@@ -484,6 +489,10 @@ def _open_checked_inputs(cfg: TrainConfig, resume: bool, out: Path, rank: int):
     if len(train_scenes) == 0:
         raise InputError(f"data.train {cfg.data.train}: no images")
     names = [c["name"] for c in train_scenes.categories]
+    val_names = [c["name"] for c in val_scenes.categories]
+    if val_names != names:  # validation scores label k as the k-th validation category
+        raise InputError(f"data.val {cfg.data.val}: categories {val_names} differ from the "
+                         f"training data's {names}")
     if cfg.classes_from_data:
         cfg.model = cfg.model.replace(num_classes=len(names) + 1, class_names=names)
     elif list(cfg.model.class_names) != names:
@@ -507,6 +516,8 @@ def _build_training_objects(cfg: TrainConfig, resume: bool, device, rank: int):
             model.load_state_dict(state, strict=False)
         else:
             init_from_maskrcnn_state_dict(model, cfg.init_weights, verbose=rank == 0)
+    if cfg.solver.trainable == "order_head":
+        model.train_only_order_head()
     model.to(device).train()
     optimizer = build_optimizer(model, cfg.solver)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -206,3 +206,22 @@ def test_subset_keeps_the_head_matrix_in_step():
                                rtol=1e-6)
     with pytest.raises(InputError, match="order must be a finite 3 x 3"):
         occlusion_graph(head_prediction(np.ones((2, 2))))
+
+
+def test_training_only_the_head_leaves_the_rest_as_trained():
+    model = order_model(backbone_norm="bn")
+    model.train_only_order_head()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    image, target = sample()
+    losses = model([image], [{**target, "occlusion_relations": torch.tensor([[0, 1]])}])
+    sum(losses.values()).backward()
+    optimiser.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("roi_heads.order_head.") for k in changed), changed
+    # Batch-norm statistics included (they would move in training mode).
+    assert any("running_mean" in k for k in before)
+    with pytest.raises(InputError, match="no order head"):
+        build_model(tiny_config()).train_only_order_head()

@@ -126,6 +126,8 @@ def test_nan_loss_stops_with_iteration_and_last_checkpoint(tiny_config, tmp_path
     (["data.train=/nonexistent/annotations.json"], "no such annotation file"),
     (["output_dir=/proc/orcnn"], "not writable"),
     (["solver.steps=[5,2]"], "must be increasing"),
+    (["solver.trainable=order_head"], "solver.trainable is order_head, but model.order_head"),
+    (["solver.trainable=heads"], "solver.trainable must be all or order_head"),
 ])
 def test_bad_config_fails_before_any_work(tiny_config, tmp_path, overrides, expected):
     args = ["train", "--config", str(tiny_config), "--set", f"output_dir={tmp_path / 'run'}"]
