@@ -66,6 +66,7 @@ class ModelConfig:
     # trained on the data's occlusion relations (an extra loss). Off: the order is decided
     # from the masks alone (orcnn_core.occlusion).
     order_head: bool = False
+    order_head_channels: int = 32  # width of the order head's convolutions and hidden layer
     order_pairs_per_image: int = 64  # RoI pairs per training image the order loss sees
 
     # --- input transform ---
@@ -234,7 +235,7 @@ class ModelConfig:
                      "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
                      "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
                      "box_batch_size_per_image", "box_detections_per_img",
-                     "order_pairs_per_image"):
+                     "order_pairs_per_image", "order_head_channels"):
             check_int(name, 1)
         if self.max_size < self.min_size:
             fail("max_size", f"must be >= min_size {self.min_size}")

@@ -29,6 +29,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet, resnet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -236,27 +237,29 @@ class PairOrderHead(nn.Module):
     amodal and visible probabilities of A and of B resampled onto that box, through two
     convolutions and two fully connected layers to logits of (A on B, B on A, neither).
     The head runs on (A, B) and on (B, A) and averages, so swapping A and B swaps the
-    first two probabilities exactly.
+    first two probabilities exactly. The first convolution is split into its feature and
+    its mask channels (the same function): the feature part, most of the cost, is computed
+    once per pair for both directions.
     """
 
     def __init__(self, in_channels: int, width: int, size: int):
         super().__init__()
         self.size = size
         half = (size + 1) // 2
-        self.convs = nn.Sequential(
-            nn.Conv2d(in_channels + 4, width, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.feature_conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.mask_conv = nn.Conv2d(4, width, 3, padding=1, bias=False)
+        self.reduce = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1),
+                                    nn.ReLU(inplace=True))
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(width * half * half, width),
                                 nn.ReLU(inplace=True), nn.Linear(width, 3))
-
-    def _one_way(self, union_features, masks_a, masks_b):
-        return self.fc(self.convs(torch.cat([union_features, masks_a, masks_b], 1)))
 
     def forward(self, union_features: torch.Tensor, masks_a: torch.Tensor,
                 masks_b: torch.Tensor) -> torch.Tensor:
         """Logits [P, 3] from union features [P, C, S, S] and masks [P, 2, S, S] each."""
-        forward = self._one_way(union_features, masks_a, masks_b)
-        backward = self._one_way(union_features, masks_b, masks_a)
+        shared = self.feature_conv(union_features)
+        both_ways = torch.cat([shared + self.mask_conv(torch.cat([masks_a, masks_b], 1)),
+                               shared + self.mask_conv(torch.cat([masks_b, masks_a], 1))])
+        forward, backward = self.fc(self.reduce(F.relu(both_ways))).chunk(2)
         return (forward + backward[:, [B_ON_A, A_ON_B, NEITHER]]) / 2
 
 
@@ -311,7 +314,7 @@ class ORCNNRoIHeads(RoIHeads):
         union = [torch.cat([torch.min(b[p[:, 0], :2], b[p[:, 1], :2]),
                             torch.max(b[p[:, 0], 2:], b[p[:, 1], 2:])], 1)
                  for b, p in zip(boxes, pairs)]
-        union_features = self.mask_roi_pool(features, union, image_shapes)
+        union_features = self.box_roi_pool(features, union, image_shapes)
         offsets = [0]
         for b in boxes[:-1]:
             offsets.append(offsets[-1] + b.shape[0])
@@ -514,7 +517,7 @@ class ORCNN(GeneralizedRCNN):
             mask_losses=cfg.mask_losses,
             independent=cfg.variant == "orcnn_independent",
             box_clip_margin=cfg.box_clip_margin,
-            order_head=PairOrderHead(channels, width, cfg.mask_roi_size) if cfg.order_head
+            order_head=PairOrderHead(channels, cfg.order_head_channels, 7) if cfg.order_head
             else None,
             order_pairs_per_image=cfg.order_pairs_per_image,
         )
