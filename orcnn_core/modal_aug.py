@@ -177,3 +177,23 @@ class _Layers:
             image_id=target.image_id, file_name=target.file_name,
             annotation_ids=np.array([self.annotation_ids[i] for i in keep], np.int64),
             image_path=target.image_path, modal_only=target.modal_only)
+
+
+#: Source images tried per draw before an image is left as it is (a source image may hold
+#: no whole, untruncated object).
+SOURCE_TRIES = 5
+
+
+def augment(sample: AmodalSample, sources, rng: np.random.Generator, probability: float,
+            min_objects: int = 1, max_objects: int = 3) -> AmodalSample:
+    """With ``probability``, ``sample`` with objects cut from random images of ``sources``
+    (any sequence of samples) pasted on top (:func:`paste_objects`); else ``sample``.
+    Deterministic for a given ``rng`` state."""
+    if probability <= 0 or len(sources) == 0 or rng.random() >= probability:
+        return sample
+    for _ in range(SOURCE_TRIES):
+        objects = extract_objects(sources[int(rng.integers(len(sources)))])
+        if objects:
+            return paste_objects(sample, objects, rng, max_objects=max_objects,
+                                 min_objects=min_objects)
+    return sample

@@ -46,6 +46,9 @@ RANGES = {
     "solver.warmup_iters": (0, _COUNT_MAX, False, False),
     "solver.warmup_factor": (0.0, 1.0, True, False),
     "solver.grad_clip_norm": (0.0, 1e6, False, False),
+    "data.modal_aug.probability": (0.0, 1.0, False, False),
+    "data.modal_aug.min_objects": (1, 100, False, False),
+    "data.modal_aug.max_objects": (1, 100, False, False),
 }
 for _name in ("synth_train", "synth_val"):
     RANGES.update({f"data.{_name}.num_images": (1, 10_000_000, False, False),
@@ -76,6 +79,22 @@ class SynthDataConfig:
 
 
 @dataclass
+class ModalAugConfig:
+    """Modal augmentation (paper, section 4.1): whole objects cut out of other images (an
+    object's modal mask is its full extent) pasted onto training images; a pasted object's
+    mask is its amodal mask, the objects it covers lose visible pixels and get "pasted
+    lies on it" relations (orcnn_core.modal_aug)."""
+
+    probability: float = 0.0  # share of training images that get pasted objects; 0: off
+    min_objects: int = 1  # objects pasted on such an image: min_objects..max_objects
+    max_objects: int = 3
+    # "train": objects cut from other training images; else an annotation file (any layout
+    # data.train takes, e.g. plain COCO instances) whose whole, untruncated objects are cut
+    sources: str = "train"
+    sources_images: str = ""  # image folder of that file; default: the file's folder
+
+
+@dataclass
 class DataConfig:
     # "synth" renders scenes (see synth_train / synth_val); anything else is the path of an
     # annotation file (D2S amodal / COCOA / KINS / COCO, detected from its keys).
@@ -93,6 +112,7 @@ class DataConfig:
         default_factory=lambda: SynthDataConfig(num_images=50, seed=1000))
     horizontal_flip: bool = True
     num_workers: int = 0  # DataLoader worker processes
+    modal_aug: ModalAugConfig = field(default_factory=ModalAugConfig)
 
 
 @dataclass
@@ -256,6 +276,9 @@ def validate(cfg: TrainConfig, where: str) -> TrainConfig:
         fail("solver.optimizer", f"must be sgd or adamw, got {s.optimizer!r}")
     if not s.lr > 0:
         fail("solver.lr", f"must be > 0, got {s.lr}")
+    if cfg.data.modal_aug.min_objects > cfg.data.modal_aug.max_objects:
+        fail("data.modal_aug.min_objects", f"must be <= max_objects "
+             f"{cfg.data.modal_aug.max_objects}, got {cfg.data.modal_aug.min_objects}")
     if s.trainable not in ("all", "order_head"):
         fail("solver.trainable", f"must be all or order_head, got {s.trainable!r}")
     if s.trainable == "order_head" and not cfg.model.order_head:

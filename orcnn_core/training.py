@@ -46,11 +46,12 @@ from orcnn_core.errors import InputError
 from orcnn_core.evaluation import evaluate_loaded
 from orcnn_core.fileio import TEMP_SUFFIX, WriteError, atomic_write_bytes, atomic_write_json
 from orcnn_core.losses import total_loss
+from orcnn_core.modal_aug import augment
 from orcnn_core.model import build_model
 from orcnn_core.predictor import Predictor
 from orcnn_core.results import prediction_to_coco
 from orcnn_core.synth import SynthConfig, render_scene
-from orcnn_core.train_config import SynthDataConfig, TrainConfig
+from orcnn_core.train_config import ModalAugConfig, SynthDataConfig, TrainConfig
 from orcnn_core.visualize import draw_prediction
 from orcnn_core.weights import (
     init_from_maskrcnn_state_dict,
@@ -133,7 +134,7 @@ def sample_to_tensors(sample: AmodalSample, flip: bool, relations_known: bool = 
 
 
 class IterationSampler(torch.utils.data.Sampler):
-    """Yields ``(index, flip)`` for iterations ``start..iterations-1`` of one rank.
+    """Yields ``(index, flip, g)`` for iterations ``start..iterations-1`` of one rank.
 
     Global position g = (iteration * world + rank) * batch + j walks through per-epoch
     permutations drawn from (seed, epoch): the order depends on nothing but these numbers.
@@ -157,12 +158,15 @@ class IterationSampler(torch.utils.data.Sampler):
                         self.size)}
                 flip = self.flip and bool(np.random.default_rng([self.seed, 1, g]).random()
                                           < 0.5)
-                yield int(perms[epoch][pos]), flip
+                yield int(perms[epoch][pos]), flip, g
 
 
 class _TrainingSet(torch.utils.data.Dataset):
-    def __init__(self, scenes):
-        self.scenes = scenes
+    """The training samples as tensors, with modal augmentation (``data.modal_aug``) drawn
+    from (seed, global position g): a resumed run sees the same pastes."""
+
+    def __init__(self, scenes, modal_aug: ModalAugConfig, sources, seed: int):
+        self.scenes, self.modal_aug, self.sources, self.seed = scenes, modal_aug, sources, seed
         # Synthetic scenes know every relation; a file only when it states them.
         self.relations_known = getattr(scenes, "relations_given", True)
 
@@ -170,8 +174,11 @@ class _TrainingSet(torch.utils.data.Dataset):
         return len(self.scenes)
 
     def __getitem__(self, item):
-        index, flip = item
-        return sample_to_tensors(self.scenes[index], flip, self.relations_known)
+        index, flip, g = item
+        aug = self.modal_aug
+        sample = augment(self.scenes[index], self.sources, np.random.default_rng(
+            [self.seed, 2, g]), aug.probability, aug.min_objects, aug.max_objects)
+        return sample_to_tensors(sample, flip, self.relations_known)
 
 
 def _collate(batch):
@@ -440,13 +447,14 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, force: bool = False) 
     clear = check_run_folder(out, resume, force)  # before anything is built or written
     device = _training_device(cfg.device, world, local_rank)
     train_scenes, val_scenes = _open_checked_inputs(cfg, resume, out, rank)
+    sources = _modal_sources(cfg, train_scenes)
     model, optimizer, scheduler = _build_training_objects(cfg, resume, device, rank)
     start = _resume(out, model, optimizer, scheduler, cfg, rank) if resume else 0
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = _make_loader(cfg, train_scenes, world, rank, start)
+    loader = _make_loader(cfg, train_scenes, sources, world, rank, start)
     use_amp = cfg.solver.amp and device.type == "cuda"
     run = _Run(cfg=cfg, rank=rank, world=world, device=device, out=out, model=model,
                ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
@@ -537,10 +545,20 @@ def _resume(out: Path, model, optimizer, scheduler, cfg: TrainConfig, rank: int)
     return start
 
 
-def _make_loader(cfg: TrainConfig, scenes, world: int, rank: int, start: int):
+def _modal_sources(cfg: TrainConfig, train_scenes):
+    """The images whose whole objects modal augmentation pastes (``data.modal_aug``)."""
+    aug = cfg.data.modal_aug
+    if aug.probability == 0 or aug.sources == "train":
+        return train_scenes
+    return open_scenes(aug.sources, aug.sources_images, cfg.data.synth_train,
+                       "data.modal_aug.sources", "auto", cfg.data.annotators)
+
+
+def _make_loader(cfg: TrainConfig, scenes, sources, world: int, rank: int, start: int):
     """The batches of this rank for iterations ``start`` to the last."""
     return torch.utils.data.DataLoader(
-        _TrainingSet(scenes), batch_size=cfg.solver.images_per_batch,
+        _TrainingSet(scenes, cfg.data.modal_aug, sources, cfg.seed),
+        batch_size=cfg.solver.images_per_batch,
         sampler=IterationSampler(len(scenes), cfg.solver.images_per_batch, world, rank,
                                  cfg.seed, start, cfg.solver.iterations,
                                  cfg.data.horizontal_flip),

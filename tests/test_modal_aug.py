@@ -1,6 +1,7 @@
 """Modal augmentation: pasted objects, the visible masks they cover, dropped hidden objects."""
 
 import json
+import subprocess
 
 import cv2
 import numpy as np
@@ -10,7 +11,10 @@ from orcnn_core.data import load_dataset, write_amodal_coco
 from orcnn_core.masks import encode
 from orcnn_core.modal_aug import ModalObject, extract_objects, paste_objects
 from orcnn_core.synth import SynthConfig, flat_colour, generate_samples
+from orcnn_core.train_config import ModalAugConfig, SynthDataConfig
+from orcnn_core.training import SynthScenes, _TrainingSet, sample_to_tensors
 from helpers import assert_same_arrays
+from tiny_models import train_config, write_train_config
 
 MAGENTA = (255, 0, 255)  # no flat-shaded synth object or background has this colour
 
@@ -181,3 +185,44 @@ def test_modal_object_checks_shapes(shape):
     else:
         with pytest.raises(ValueError):
             ModalObject(np.zeros((5, 5, 3), np.uint8), np.zeros(shape, np.uint8), 1)
+
+
+# ------------------------------------------------------------------ reachable from training
+def test_training_samples_see_pasted_objects_when_configured():
+    scenes = SynthScenes(SynthDataConfig(num_images=6, seed=4, width=128, height=96))
+    plain = _TrainingSet(scenes, ModalAugConfig(probability=0.0), scenes, seed=0)
+    pasted = _TrainingSet(scenes, ModalAugConfig(probability=1.0, min_objects=2,
+                                                 max_objects=2), scenes, seed=0)
+    more, relations = 0, 0
+    for g in range(6):
+        index = g
+        image, target = plain[(index, False, g)]
+        reference_image, _ = sample_to_tensors(scenes[index], False)
+        np.testing.assert_array_equal(image.numpy(), reference_image.numpy())
+        aug_image, aug = pasted[(index, False, g)]
+        assert not np.array_equal(aug_image.numpy(), image.numpy())  # pixels were pasted
+        more += len(aug["labels"]) > len(target["labels"])
+        relations += len(aug["occlusion_relations"]) > len(target["occlusion_relations"])
+        again_image, _ = pasted[(index, False, g)]  # the same draw for the same position
+        np.testing.assert_array_equal(again_image.numpy(), aug_image.numpy())
+    # Pasted objects are new instances on top of others (some may cover a whole object,
+    # which is then dropped, so not every image has more instances).
+    assert more >= 4 and relations >= 4, (more, relations)
+
+
+def test_a_training_run_with_modal_augmentation(tmp_path):
+    config = write_train_config(tmp_path / "tiny.yaml", train_config(
+        backbone="resnet18_fpn", trainable_backbone_layers=5,
+        anchor_sizes=[16, 32, 64, 128, 256], width=128, height=96, train_images=6,
+        val_images=1, iterations=2, steps=[2], warmup_iters=1))
+    result = subprocess.run(
+        ["orcnn-core", "train", "--config", str(config), "--output-dir", str(tmp_path / "run"),
+         "--no-progress", "--set", "data.modal_aug.probability=1.0"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    refused = subprocess.run(
+        ["orcnn-core", "train", "--config", str(config), "--output-dir", str(tmp_path / "r2"),
+         "--set", "data.modal_aug.min_objects=4", "--set", "data.modal_aug.max_objects=2"],
+        capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "data.modal_aug.min_objects must be <= max_objects 2" in refused.stderr
