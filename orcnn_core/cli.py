@@ -12,6 +12,13 @@ from orcnn_core.errors import InputError
 
 BACKEND_HELP = ("inference back-end: eager (default), torchscript, onnxruntime, tensorrt "
                 "(CUDA); the last three build a graph per image size (seconds each)")
+# Kept in step with orcnn_core.data.FORMAT_NAMES (which checks the value), so that --help
+# needs no import of the data module.
+FORMAT_HELP = ("ground-truth layout: auto (default: detected from the keys), amodal_coco "
+               "(also d2s_amodal, d2sa, cocoa_cls), coco, cocoa, kins (kins2019, kins2020); a "
+               "named layout must fit the file (docs/data_format.md)")
+ANNOTATORS_HELP = ("COCOA images annotated by several people: first (default, as the COCOA "
+                   "amodal API scores) or all (their regions merged)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_parser(subparsers)
     _add_export_parser(subparsers)
     _add_synth_parser(subparsers)
+    _add_convert_parser(subparsers)
     return parser
 
 
@@ -100,6 +108,14 @@ def _add_evaluate_parser(subparsers) -> None:
                        help="score threshold (default: the model's)")
     model.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     model.add_argument("--backend", metavar="NAME", help=BACKEND_HELP)
+    sub.add_argument("--format", default="auto", metavar="F", help=FORMAT_HELP)
+    sub.add_argument("--annotators", default="first", choices=["first", "all"],
+                     help=ANNOTATORS_HELP)
+    sub.add_argument("--occluded-rule", default="reference", choices=["reference", "paper"],
+                     help="detections of ignored ground truths in the occluded and breakdown "
+                          "evaluations: reference (default: COCO's rule, as the COCOA amodal "
+                          "API) or paper (also ignore every detection with amodal IoU >= 0.5 "
+                          "with one; docs/evaluation.md)")
     sub.add_argument("--out", metavar="METRICS.json",
                      help="write the metrics here as JSON (atomically)")
     sub.set_defaults(run=_run_evaluate)
@@ -128,7 +144,8 @@ def _run_evaluate(args) -> int:
         raise InputError(f"give --gt GT.json and --predictions PRED.json (or --weights and "
                          f"--data); missing {' and '.join(missing)}")
     from orcnn_core.evaluation import run_evaluate
-    return run_evaluate(args.gt, args.predictions, args.out)
+    return run_evaluate(args.gt, args.predictions, args.out, args.occluded_rule, args.format,
+                        args.annotators)
 
 
 def _add_predict_parser(subparsers) -> None:
@@ -149,6 +166,7 @@ def _add_predict_parser(subparsers) -> None:
     sub.add_argument("--out", required=True, metavar="DIR", help="output folder")
     sub.add_argument("--gt", metavar="GT.json", help="ground truth the images belong to: "
                      "image ids, category ids and mask padding come from it")
+    sub.add_argument("--format", default="auto", metavar="F", help=FORMAT_HELP)
     sub.add_argument("--score-thresh", type=float, metavar="S",
                      help="score threshold (default: the model's)")
     sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -220,6 +238,29 @@ def _add_synth_parser(subparsers) -> None:
 def _run_synth(args) -> int:
     from orcnn_core.synth import run_cli
     return run_cli(args)
+
+
+def _add_convert_parser(subparsers) -> None:
+    sub = subparsers.add_parser(
+        "convert", help="convert an annotation file (COCOA, KINS, D2SA, COCO) to ours",
+        description="Read an annotation file in any supported layout and write it as our "
+                    "amodal COCO (docs/data_format.md): masks as RLE on the padded canvas, "
+                    "ids, crowd and ignore flags and occlusion rates as read, and the "
+                    "occlusion relations the source states (COCOA depth_constraint, KINS "
+                    "oco_id/ico_id) or, where it states none, those its masks show; "
+                    "'relations_source' says which. Evaluating the output gives the same "
+                    "metrics as the input. OUT is written atomically and never over IN.")
+    sub.add_argument("input", metavar="IN", help="annotation file to read")
+    sub.add_argument("output", metavar="OUT", help="file to write (our amodal COCO JSON)")
+    sub.add_argument("--format", default="auto", metavar="F", help=FORMAT_HELP)
+    sub.add_argument("--annotators", default="first", choices=["first", "all"],
+                     help=ANNOTATORS_HELP)
+    sub.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from orcnn_core.commands import run_convert
+    return run_convert(args)
 
 
 def main(argv=None) -> int:

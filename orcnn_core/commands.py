@@ -1,4 +1,5 @@
-"""The commands over files: ``orcnn-core predict``, ``evaluate --weights`` and ``export``.
+"""The commands over files: ``orcnn-core predict``, ``evaluate --weights``, ``export`` and
+``convert``.
 
 ``predict`` and ``evaluate --weights`` share one path from an image file to COCO result
 entries (:func:`predict_file`), so ``evaluate --weights`` gives exactly the metrics of
@@ -19,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from orcnn_core.data import load_dataset
+from orcnn_core.data import load_dataset, write_dataset
 from orcnn_core.errors import InputError
 from orcnn_core.evaluation import evaluate_loaded, format_table
 from orcnn_core.export import (MAX_OPSET, MAX_SIZE, MIN_OPSET, MIN_SIZE, ExportCheckError,
@@ -35,7 +36,7 @@ from orcnn_core.visualize import draw_prediction
 from orcnn_core.weights import build_from_file
 
 __all__ = ["predict_file", "run_predict", "evaluate_weights", "run_evaluate_weights",
-           "run_export"]
+           "run_export", "run_convert"]
 
 
 # ------------------------------------------------------------------------------ model
@@ -50,9 +51,10 @@ class _GroundTruth:
     validated data set (records for evaluation, image sizes, mask padding, category order)
     and file name lookups."""
 
-    def __init__(self, path, images_dir=None, what="--gt"):
+    def __init__(self, path, images_dir=None, what="--gt", fmt="auto", annotators="first"):
         self.path = check_regular_file(path, what)  # a FIFO would block the reader
-        self.dataset = load_dataset(self.path, images_dir)  # validates the whole file
+        # validates the whole file
+        self.dataset = load_dataset(self.path, images_dir, fmt, annotators)
         self.images_dir = self.path.parent if images_dir is None else Path(images_dir)
         self.file_names = {r.image_id: r.file_name for r in self.dataset.records}
         self.category_ids = [c["id"] for c in self.dataset.categories]
@@ -235,7 +237,7 @@ def run_predict(args) -> int:
     out = _check_predict_paths(args, paths)
     gt, indices = None, None
     if args.gt is not None:
-        gt = _GroundTruth(args.gt)
+        gt = _GroundTruth(args.gt, fmt=getattr(args, "format", "auto"))
         indices = gt.match(paths)
     check_decodable(paths)
     predictor = _load_predictor(args.weights, args.device, args.score_thresh, args.backend)
@@ -268,12 +270,14 @@ def run_predict(args) -> int:
 
 # ------------------------------------------------------------------------------ evaluation
 def evaluate_weights(weights, data, images_dir=None, score_thresh=None, device="auto",
-                     out=None, backend="eager") -> dict:
+                     out=None, backend="eager", fmt="auto", annotators="first",
+                     occluded_rule="reference") -> dict:
     """Metrics (:func:`orcnn_core.evaluation.evaluate_loaded`) of a weights file on the
-    images of ground-truth file ``data`` (in ``images_dir``, default the file's folder).
-    ``out``, when given, is only checked for writability here, before the model runs."""
+    images of ground-truth file ``data`` (in ``images_dir``, default the file's folder;
+    layout ``fmt``). ``out``, when given, is only checked for writability here, before the
+    model runs."""
     check_regular_file(weights, "--weights")
-    gt = _GroundTruth(data, images_dir, "--data")
+    gt = _GroundTruth(data, images_dir, "--data", fmt, annotators)
     paths = [gt.image_path(image_id) for image_id in gt.dataset.image_ids]
     if out is not None:
         check_output_file(out, "--out")
@@ -288,14 +292,16 @@ def evaluate_weights(weights, data, images_dir=None, score_thresh=None, device="
         _, _, entries = predict_file(predictor, path, sample.image_id, sample.mask_padding,
                                      gt.category_ids, (sample.height, sample.width))
         results.extend(entries)
-    return evaluate_loaded(gt.dataset, results, str(gt.path), f"predictions of {weights}")
+    return evaluate_loaded(gt.dataset, results, str(gt.path), f"predictions of {weights}",
+                           occluded_rule)
 
 
 def run_evaluate_weights(args) -> int:
     """``orcnn-core evaluate --weights W --data GT.json``: print the table, write the
     metrics JSON atomically."""
     metrics = evaluate_weights(args.weights, args.data, args.images, args.score_thresh,
-                               args.device or "auto", args.out, args.backend or "eager")
+                               args.device or "auto", args.out, args.backend or "eager",
+                               args.format, args.annotators, args.occluded_rule)
     if args.out is not None:
         try:
             atomic_write_json(args.out, metrics, indent=2)
@@ -359,4 +365,27 @@ def run_export(args) -> int:
         print("warning: the check image gave no detections, so only the empty outputs were "
               "compared; pass --check-image with objects (or a lower --score-thresh)",
               file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------ convert
+def run_convert(args) -> int:
+    """``orcnn-core convert IN OUT``: read IN in any supported layout (``--format``,
+    ``--annotators``) and write it as our amodal COCO, atomically; OUT may not be IN."""
+    source = check_regular_file(args.input, "IN")
+    check_output_file(args.output, "OUT")
+    check_not_an_input(args.output, [("IN", args.input)], "OUT")
+    dataset = load_dataset(source, fmt=args.format, annotators=args.annotators,
+                           need_file_names=False)
+    try:
+        written = write_dataset(dataset, args.output)
+    except OSError as exc:  # disk full, permissions: the atomic write left nothing
+        raise InputError(f"OUT {args.output}: cannot write ({exc.strerror or exc}); nothing "
+                         f"written") from None
+    relations = written.get("occlusion_relations")
+    told = (f"{len(relations)} occlusion relations ({written['relations_source']})"
+            if relations is not None else "no occlusion relations (modal-only source)")
+    print(f"wrote {args.output}: {len(written['images'])} images, "
+          f"{len(written['annotations'])} annotations, {told}; read as {dataset.layout}"
+          + (f", annotators: {args.annotators}" if dataset.format == "cocoa" else ""))
     return 0

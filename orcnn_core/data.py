@@ -7,9 +7,17 @@ One internal format, :class:`AmodalSample` (see docs/data_format.md), and one re
   ``visible_mask``, optional ``invisible_mask``; RLEs may be zero padded), which is also
   what :func:`write_amodal_coco` and ``orcnn-core synth`` write;
 - ``cocoa``: the original COCO amodal (one entry per image with ``regions``);
-- ``kins``: KINS (``segmentation``/``inmodal_seg`` or the 2020 ``a_segm``/``i_segm``);
+- ``kins``: KINS (2019: ``segmentation``/``inmodal_seg``; 2020: ``a_segm``/``i_segm`` with
+  the occlusion order ``oco_id``/``ico_id``);
 - ``coco``: plain modal COCO (amodal := visible; samples marked ``modal_only``), the
   source of modal augmentation.
+
+:data:`FORMAT_NAMES` are the names a user may give (``--format``, ``data.format``): these
+four, narrower layouts (``kins2019``, ``kins2020``) and other names of ``d2s_amodal``
+(``amodal_coco``, ``d2sa``, ``cocoa_cls``). A named format that does not fit the file, or a
+file no layout fits, is refused with the keys that were expected. :func:`write_dataset`
+writes any read file in our format (``orcnn-core convert``), with the occlusion relations
+the source states or, where it states none, those its masks show.
 
 The whole file is validated when it is read, so a bad annotation fails at once with one
 :class:`InputError` naming the file and the annotation; masks stay compressed (RLE) and
@@ -38,12 +46,27 @@ from orcnn_core.masks import (
     decode,
     encode,
     is_number,
+    rle_difference,
     rle_size,
     short_repr,
     to_rle,
 )
 
+#: The readers (``AmodalDataset.format``).
 FORMATS = ("d2s_amodal", "cocoa", "kins", "coco")
+#: Every format name a user may give, and the reader it selects. ``kins2019`` and
+#: ``kins2020`` accept only their own keys; ``kins`` either.
+FORMAT_NAMES = {
+    "d2s_amodal": "d2s_amodal", "amodal_coco": "d2s_amodal", "d2sa": "d2s_amodal",
+    "cocoa_cls": "d2s_amodal", "cocoa": "cocoa", "kins": "kins", "kins2019": "kins",
+    "kins2020": "kins", "coco": "coco",
+}
+#: How many annotators' regions of a COCOA image are read: the first entry of the image
+#: (as the COCOA amodal API evaluates) or all of them, merged.
+ANNOTATORS = ("first", "all")
+#: Where a file's occlusion relations come from: stated by the source, or derived from
+#: its masks (``"relations_source"`` in our format).
+RELATION_SOURCES = ("given", "derived")
 
 
 @dataclass
@@ -70,6 +93,9 @@ class AmodalSample:
     # True for samples from modal-only annotations (plain COCO): their amodal masks are the
     # visible masks and nothing is known about occlusion.
     modal_only: bool = False
+    # False where the file states no relations: an empty occlusion_relations then means
+    # "unknown", not "nothing lies on anything".
+    relations_known: bool = True
 
     def __post_init__(self):
         n = len(self.labels)
@@ -166,6 +192,12 @@ class InstanceRecord:
     invisible: Optional[dict] = None
     iscrowd: bool = False  # a COCO crowd region: evaluation only, samples leave it out
     occlude_rate: Optional[float] = None  # as given by the file, in [0, 1]
+    ignore: bool = False  # KINS "ignore": scored as neither found nor missed, not trained
+
+    @property
+    def counted(self) -> bool:
+        """An object to be found (not a crowd region, not flagged ignore)."""
+        return not (self.iscrowd or self.ignore)
 
 
 @dataclass
@@ -187,19 +219,28 @@ class AmodalDataset(Sequence):
     ``categories`` lists ``{"id", "name"}`` in label order: label ``k`` is
     ``categories[k - 1]`` (labels are contiguous 1..K whatever the file's category ids).
     ``records`` holds the validated :class:`ImageRecord` of every image (what evaluation
-    reads); ``relations_given`` is False when the file states no occlusion relations at
-    all (then evaluation derives them from the masks). Images are not read: call
+    reads). ``relations_source`` is ``"given"`` (the file states the relations: ours,
+    COCOA ``depth_constraint``, KINS ``oco_id``/``ico_id``), ``"derived"`` (our file,
+    written with relations derived from the masks) or None (none stated: evaluation derives
+    them with :func:`derive_relations`); ``relations_given`` is whether there are any.
+    ``layout`` names what was read (a :data:`FORMAT_NAMES` key). Images are not read: call
     ``sample.load_image()``.
     """
 
-    def __init__(self, path, fmt, categories, records, images_dir, relations_given):
+    def __init__(self, path, fmt, categories, records, images_dir, relations_source,
+                 layout=None, modal_only=None):
         self.path = str(path)
         self.format = fmt
+        self.layout = layout or fmt
         self.categories = categories
-        self.modal_only = fmt == "coco"
+        self.modal_only = fmt == "coco" if modal_only is None else modal_only
         self.records = records
-        self.relations_given = relations_given
+        self.relations_source = relations_source
         self._images_dir = Path(images_dir)
+
+    @property
+    def relations_given(self) -> bool:
+        return self.relations_source is not None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -208,7 +249,7 @@ class AmodalDataset(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         rec = self.records[index]
-        kept = [inst for inst in rec.instances if not inst.iscrowd]
+        kept = [inst for inst in rec.instances if inst.counted]
         p = rec.padding
         hc, wc = rec.height + 2 * p, rec.width + 2 * p
         amodal = _decode_stack([inst.amodal for inst in kept], hc, wc)
@@ -228,7 +269,7 @@ class AmodalDataset(Sequence):
             file_name=rec.file_name,
             annotation_ids=np.asarray([inst.ann_id for inst in kept], np.int64),
             image_path=str(self._images_dir / rec.file_name) if rec.file_name else None,
-            modal_only=self.modal_only)
+            modal_only=self.modal_only, relations_known=self.relations_given)
 
     @property
     def image_ids(self) -> list:
@@ -242,14 +283,82 @@ def _decode_stack(rles, hc, wc) -> np.ndarray:
 
 
 def _sample_relations(rec: ImageRecord) -> np.ndarray:
-    """The relations among the instances a sample keeps (crowd regions are left out)."""
+    """The relations among the instances a sample keeps (crowd regions and ignored
+    instances are left out)."""
     position = {}
     for i, inst in enumerate(rec.instances):
-        if not inst.iscrowd:
+        if inst.counted:
             position[i] = len(position)
     pairs = [(position[u], position[v]) for u, v in rec.relations
              if u in position and v in position]
     return np.asarray(pairs, np.int64).reshape(-1, 2)
+
+
+# --------------------------------------------------------------------------- relations
+# Relations from masks work on RLEs (pycocotools merges runs; nothing is decoded to the
+# canvas) and compare only pairs whose amodal boxes overlap: time grows with the number of
+# such pairs, memory with the RLEs' size, whatever the canvas size.
+
+#: Cells of the pairwise box test held at once: it runs in chunks of rows, so its memory
+#: stays bounded (a few times 4 MiB) however many instances an image has.
+_PAIR_CHUNK_CELLS = 1 << 22
+
+
+def _area(rle) -> float:
+    return float(mask_utils.area(rle))
+
+
+def overlapping_pairs(rles: list) -> list:
+    """Index pairs (i < j) of canvas RLEs whose bounding boxes share pixels."""
+    if len(rles) < 2:
+        return []
+    x, y, w, h = np.asarray(mask_utils.toBbox(rles), np.float64).reshape(-1, 4).T
+    x1, y1 = x + w, y + h
+    present = (w > 0) & (h > 0)
+    rows = max(1, _PAIR_CHUNK_CELLS // len(rles))
+    pairs = []
+    for start in range(0, len(rles), rows):
+        i = np.arange(start, min(start + rows, len(rles)))[:, None]
+        hit = ((x[i] < x1[None]) & (x[None] < x1[i]) & (y[i] < y1[None]) & (y[None] < y1[i])
+               & present[i] & present[None] & (np.arange(len(rles))[None] > i))
+        a, b = np.nonzero(hit)
+        pairs += zip((a + start).tolist(), b.tolist())
+    return pairs
+
+
+def hidden_part(amodal: dict, visible: Optional[dict], invisible: Optional[dict]):
+    """RLE of an instance's occluded part: the given invisible mask, else amodal AND NOT
+    visible; None when neither is given (nothing known hidden)."""
+    if invisible is not None:
+        return invisible
+    return None if visible is None else rle_difference(amodal, visible)
+
+
+def covered(visible: dict, hidden: Optional[dict]) -> float:
+    """Pixels of ``hidden`` (one instance's occluded part) that ``visible`` (another's
+    visible mask) covers: evidence that the other lies on it."""
+    return 0.0 if hidden is None else _area(mask_utils.merge([visible, hidden],
+                                                             intersect=True))
+
+
+def derive_relations(record: ImageRecord) -> list:
+    """Relations (upper, lower) of an image whose file states none, from its masks: of two
+    counted instances whose amodal masks overlap, the one whose visible mask covers more of
+    the other's occluded part lies on top (ties: no relation). Visible masks not given are
+    the amodal ones."""
+    counted = [k for k, inst in enumerate(record.instances) if inst.counted]
+    insts = [record.instances[k] for k in counted]
+    hidden = [hidden_part(i.amodal, i.visible, i.invisible) for i in insts]
+    relations = []
+    for a, b in overlapping_pairs([inst.amodal for inst in insts]):
+        if _area(mask_utils.merge([insts[a].amodal, insts[b].amodal], intersect=True)) == 0:
+            continue
+        evidence = (covered(insts[a].visible or insts[a].amodal, hidden[b])
+                    - covered(insts[b].visible or insts[b].amodal, hidden[a]))
+        if evidence:
+            upper, lower = (a, b) if evidence > 0 else (b, a)
+            relations.append((counted[upper], counted[lower]))
+    return relations
 
 
 # --------------------------------------------------------------------------- reading
@@ -274,7 +383,8 @@ def load_json(path, what: str):
         raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
-def load_dataset(path, images_dir=None, fmt: str = "auto") -> AmodalDataset:
+def load_dataset(path, images_dir=None, fmt: str = "auto", annotators: str = "first",
+                 need_file_names: bool = True) -> AmodalDataset:
     """Read and validate an amodal (or modal) annotation file (see :func:`parse_dataset`).
 
     ``images_dir`` defaults to the file's folder. Returns a sequence of
@@ -283,19 +393,19 @@ def load_dataset(path, images_dir=None, fmt: str = "auto") -> AmodalDataset:
     """
     path = Path(path)
     return parse_dataset(load_json(path, "annotation"), path, fmt,
-                         path.parent if images_dir is None else images_dir)
+                         path.parent if images_dir is None else images_dir,
+                         need_file_names, annotators)
 
 
 def parse_dataset(obj, source, fmt: str = "auto", images_dir=".",
-                  need_file_names: bool = True) -> AmodalDataset:
+                  need_file_names: bool = True, annotators: str = "first") -> AmodalDataset:
     """Validate a parsed annotation file (``source`` names it in messages) into a data set.
 
-    ``fmt`` is one of :data:`FORMATS` or ``"auto"`` (``regions`` → cocoa; ``a_segm``,
-    ``i_segm`` or ``inmodal_seg`` → kins; ``visible_mask``, ``invisible_mask``,
-    ``mask_padding``, ``occlusion_relations`` or our writer's ``info`` → d2s_amodal;
-    else modal coco). With ``need_file_names`` False, images may lack ``file_name``
-    (evaluation reads no images). Crowd annotations are checked and kept in the records but
-    left out of the samples.
+    ``fmt`` is a :data:`FORMAT_NAMES` key or ``"auto"`` (:func:`detect_layout`); a named
+    format must fit the file's keys. ``annotators`` (:data:`ANNOTATORS`) applies to COCOA.
+    With ``need_file_names`` False, images may lack ``file_name`` (evaluation reads no
+    images). Crowd and ignored annotations are checked and kept in the records but left
+    out of the samples.
     """
     src = str(source)
     if not isinstance(obj, dict):
@@ -303,31 +413,67 @@ def parse_dataset(obj, source, fmt: str = "auto", images_dir=".",
                          f"'annotations'")
     for key in ("images", "annotations"):
         require_list(obj, key, src)
-    if fmt == "auto":
-        fmt = detect_format(obj)
-    if fmt not in FORMATS:
-        raise InputError(f"{src}: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
-
+    if fmt != "auto" and fmt not in FORMAT_NAMES:
+        raise InputError(f"{src}: unknown format {fmt!r} (auto or one of "
+                         f"{', '.join(FORMAT_NAMES)})")
+    if annotators not in ANNOTATORS:
+        raise InputError(f"{src}: annotators must be one of {', '.join(ANNOTATORS)}, got "
+                         f"{annotators!r}")
+    layout = _checked_layout(obj, fmt, src)
+    reader = FORMAT_NAMES[layout]
     images = _parse_images(obj["images"], src, need_file_names)
-    if fmt == "cocoa":
-        categories, specs, relations = _cocoa_specs(obj, images, src)
-        given = any(isinstance(a, dict) and "depth_constraint" in a for a in obj["annotations"])
+    if reader == "cocoa":
+        categories, specs, relations, given = _cocoa_specs(obj, images, src, annotators)
     else:
         categories, cat_label = _parse_categories(obj, src)
-        specs = _flat_specs(obj["annotations"], fmt, images, cat_label, src)
+        # Only a named kins2019 / kins2020 insists on its own keys: files mix them.
+        keys = layout if fmt in ("kins2019", "kins2020") or reader != "kins" else "kins"
+        specs = _flat_specs(obj["annotations"], keys, images, cat_label, src)
         relations = _parse_relations(obj.get("occlusion_relations", []), src)
-        given = "occlusion_relations" in obj
+        given = "occlusion_relations" in obj or any(spec.order for spec in specs)
     records = _build_records(images, specs, relations)
-    return AmodalDataset(src, fmt, categories, records, images_dir, given)
+    source_of_relations = _relations_source(obj, src) if given else None
+    return AmodalDataset(src, reader, categories, records, images_dir, source_of_relations,
+                         layout, _modal_only(obj, reader))
 
 
-def detect_format(obj: dict) -> str:
-    """Name of the format of a parsed annotation file (see :func:`parse_dataset`)."""
+def _relations_source(obj, src) -> str:
+    """Our file's ``relations_source`` (default "given"; other files: "given")."""
+    value = obj.get("relations_source", "given")
+    if value not in RELATION_SOURCES:
+        raise InputError(f"{src}: 'relations_source' must be one of "
+                         f"{', '.join(RELATION_SOURCES)}, got {short_repr(value)}")
+    return value
+
+
+def _modal_only(obj, reader) -> bool:
+    """Plain COCO, or our file converted from it (``info.modal_only``)."""
+    info = obj.get("info")
+    return reader == "coco" or (isinstance(info, dict) and info.get("modal_only") is True)
+
+
+# Keys that mark each layout (any annotation having one of them), in detection order, and
+# the annotation keys each layout reads, for the messages of refused files.
+_SIGNATURES = (
+    ("cocoa", ("regions",), "'regions' (COCOA: per annotator 'regions' with "
+                            "'segmentation', 'order', optional 'visible_mask')"),
+    ("kins2020", ("a_segm", "i_segm"), "'a_segm', 'i_segm' (KINS 2020, with 'a_bbox', "
+                                       "'oco_id', 'ico_id')"),
+    ("kins2019", ("inmodal_seg",), "'segmentation', 'inmodal_seg' (KINS 2019)"),
+    ("d2s_amodal", ("visible_mask", "invisible_mask"),
+     "'segmentation' with 'visible_mask' (amodal COCO, D2SA, COCOA-cls)"),
+    ("coco", ("segmentation",), "'segmentation' (COCO instances)"),
+)
+
+
+def detect_layout(obj: dict):
+    """The :data:`FORMAT_NAMES` key whose keys a parsed file has, None when annotations
+    exist but none has a known key (see ``_SIGNATURES``; our writer's ``info``,
+    ``mask_padding`` or ``occlusion_relations`` also mark ``d2s_amodal``)."""
     anns = [a for a in obj.get("annotations", []) if isinstance(a, dict)]
-    if any("regions" in a for a in anns):
-        return "cocoa"
-    if any(k in a for a in anns for k in ("a_segm", "i_segm", "inmodal_seg")):
-        return "kins"
+    for layout, keys, _ in _SIGNATURES[:3]:
+        if any(k in a for a in anns for k in keys):
+            return layout
     info = obj.get("info")
     if ((isinstance(info, dict) and info.get("format") == "d2s_amodal")
             or "occlusion_relations" in obj
@@ -335,7 +481,45 @@ def detect_format(obj: dict) -> str:
             or any(isinstance(i, dict) and "mask_padding" in i
                    for i in obj.get("images", []))):
         return "d2s_amodal"
+    if anns and not any("segmentation" in a for a in anns):
+        return None
     return "coco"
+
+
+def detect_format(obj: dict) -> str:
+    """Name of the reader (:data:`FORMATS`) of a parsed annotation file; "coco" when no
+    layout fits."""
+    layout = detect_layout(obj)
+    return "coco" if layout is None else FORMAT_NAMES[layout]
+
+
+def _expected_keys() -> str:
+    return "; ".join(text for _, _, text in _SIGNATURES)
+
+
+def _checked_layout(obj, fmt, src) -> str:
+    """The layout to read: the detected one (``fmt`` "auto") or ``fmt`` when the file's
+    keys fit it; else one :class:`InputError` naming the keys expected."""
+    detected = detect_layout(obj)
+    first = next((a for a in obj["annotations"] if isinstance(a, dict)), {})
+    found = ", ".join(repr(k) for k in list(first)[:12]) or "none"
+    if detected is None:
+        raise InputError(f"{src}: unknown annotation layout (first annotation's keys: "
+                         f"{found}); expected one of: {_expected_keys()}")
+    if fmt == "auto" or fmt == detected:
+        return detected
+    modal = {"d2s_amodal", "coco"}
+    if FORMAT_NAMES[fmt] in modal and FORMAT_NAMES[detected] in modal:
+        return FORMAT_NAMES[fmt]  # amodal COCO without visible masks reads as either
+    if fmt == "kins" and FORMAT_NAMES[detected] == "kins":
+        return detected
+    if not obj["annotations"]:
+        return fmt
+    texts = {layout: text for layout, _, text in _SIGNATURES}
+    texts["kins"] = f"{texts['kins2020']} or {texts['kins2019']}"
+    wanted = texts.get(fmt, texts.get(FORMAT_NAMES[fmt]))
+    raise InputError(f"{src}: format {fmt!r} does not fit this file: expected annotation "
+                     f"keys {wanted}; found {found} (the keys of {detected!r})")
 
 
 # Checks of JSON entries, shared with the predictions reader of orcnn_core.evaluation so that
@@ -447,6 +631,8 @@ class _Spec:
     bbox: object = None  # xyxy when given
     iscrowd: bool = False
     occlude_rate: Optional[float] = None
+    ignore: bool = False
+    order: Optional[tuple] = None  # KINS (oco_id, ico_id) when given
 
     def masks(self):
         """(segmentation, key) of the masks given."""
@@ -456,27 +642,54 @@ class _Spec:
                 if segm is not None]
 
 
-# Amodal / visible / box keys of each flat format, in order of preference.
+# Amodal / visible / box keys of each flat layout, in order of preference.
 _FLAT_KEYS = {
     "d2s_amodal": (("segmentation",), ("visible_mask",), ("bbox",)),
     "kins": (("segmentation", "a_segm"), ("inmodal_seg", "i_segm"), ("bbox", "a_bbox")),
+    "kins2019": (("segmentation",), ("inmodal_seg",), ("bbox",)),
+    "kins2020": (("a_segm",), ("i_segm",), ("a_bbox",)),
     "coco": (("segmentation",), (), ("bbox",)),
 }
 
 
-def _flat_specs(entries, fmt, images, cat_label, src) -> list:
+def _flat_specs(entries, layout, images, cat_label, src) -> list:
+    keys = _FLAT_KEYS.get(layout, _FLAT_KEYS[FORMAT_NAMES[layout]])
+    fmt = FORMAT_NAMES[layout]
     specs, seen = [], set()
     for k, entry in enumerate(entries):
         ann_id = require_int(entry, "id", f"{src}: annotations[{k}]")
         if ann_id in seen:
             raise InputError(f"{src}: annotation {ann_id}: duplicate annotation id")
         seen.add(ann_id)
-        specs.append(_flat_spec(entry, ann_id, fmt, images, cat_label, src))
+        specs.append(_flat_spec(entry, ann_id, fmt, keys, images, cat_label, src))
     return specs
 
 
-def _flat_spec(entry, ann_id, fmt, images, cat_label, src) -> _Spec:
-    amodal_keys, visible_keys, box_keys = _FLAT_KEYS[fmt]
+def _flag(entry, key, where) -> bool:
+    value = entry.get(key)
+    if value not in (None, 0, 1):  # True and False compare equal to 1 and 0
+        raise InputError(f"{where}: {key!r} must be 0 or 1, got {short_repr(value)}")
+    return bool(value)
+
+
+def _rate(entry, where) -> Optional[float]:
+    rate = entry.get("occlude_rate")
+    if rate is not None and not (is_number(rate) and 0 <= rate <= 1):
+        raise InputError(f"{where}: 'occlude_rate' must be a number in [0, 1], got "
+                         f"{short_repr(rate)}")
+    return None if rate is None else float(rate)
+
+
+def _kins_order(entry, where) -> Optional[tuple]:
+    """KINS (oco_id, ico_id): occlusion cluster and place in its depth order, or None."""
+    if entry.get("oco_id") is None and entry.get("ico_id") is None:
+        return None
+    return (require_int(entry, "oco_id", where, minimum=0),
+            require_int(entry, "ico_id", where, minimum=0))
+
+
+def _flat_spec(entry, ann_id, fmt, keys, images, cat_label, src) -> _Spec:
+    amodal_keys, visible_keys, box_keys = keys
     name = f"annotation {ann_id}"
     where = f"{src}: {name}"
     image_id = require_int(entry, "image_id", where)
@@ -485,13 +698,8 @@ def _flat_spec(entry, ann_id, fmt, images, cat_label, src) -> _Spec:
     cat_id = require_int(entry, "category_id", where)
     if cat_id not in cat_label:
         raise InputError(f"{where}: category_id {cat_id} is not in 'categories'")
-    iscrowd = entry.get("iscrowd")
-    if iscrowd not in (None, 0, 1):
-        raise InputError(f"{where}: 'iscrowd' must be 0 or 1, got {short_repr(iscrowd)}")
-    rate = entry.get("occlude_rate")
-    if rate is not None and not (is_number(rate) and 0 <= rate <= 1):
-        raise InputError(f"{where}: 'occlude_rate' must be a number in [0, 1], got "
-                         f"{short_repr(rate)}")
+    iscrowd = _flag(entry, "iscrowd", where)
+    rate = _rate(entry, where)
     amodal_key = _first_key(entry, amodal_keys, where, required=True)
     visible_key = _first_key(entry, visible_keys, where, required=(fmt == "kins"))
     box_key = _first_key(entry, box_keys, where, required=False)
@@ -500,7 +708,8 @@ def _flat_spec(entry, ann_id, fmt, images, cat_label, src) -> _Spec:
         entry[visible_key] if visible_key else None, visible_key,
         entry.get("invisible_mask") if fmt == "d2s_amodal" else None,
         check_bbox(entry[box_key], f"{where}: {box_key}") if box_key else None,
-        bool(iscrowd), None if rate is None else float(rate))
+        iscrowd, rate, fmt != "coco" and _flag(entry, "ignore", where),
+        _kins_order(entry, where) if fmt == "kins" else None)
 
 
 def _first_key(entry, keys, where, required):
@@ -525,10 +734,12 @@ def _parse_relations(entries, src) -> list:
     return pairs
 
 
-def _cocoa_specs(obj, images, src):
-    """Specs and relations of the original COCOA file (class-agnostic: object / stuff)."""
+def _cocoa_specs(obj, images, src, annotators):
+    """Categories, specs, relations and whether relations are stated, of the original
+    COCOA file (class-agnostic: object / stuff). Each annotation entry is one annotator's
+    regions of its image; ``annotators`` "first" keeps each image's first entry."""
     categories = [{"id": 1, "name": "object"}, {"id": 2, "name": "stuff"}]
-    specs, relations = [], []
+    specs, relations, seen, given = [], [], set(), False
     for k, entry in enumerate(obj["annotations"]):
         name = f"annotations[{k}]"
         image_id = require_int(entry, "image_id", f"{src}: {name}")
@@ -537,24 +748,31 @@ def _cocoa_specs(obj, images, src):
         where = f"{src}: {name}"
         if image_id not in images:
             raise InputError(f"{where}: image_id {image_id} is not in 'images'")
-        regions = require_list(entry, "regions", where)
+        if annotators == "first" and image_id in seen:
+            continue
+        seen.add(image_id)
         order_id = {}
-        for r, region in enumerate(regions):
-            rname = f"{name}: region {r}"
-            segm = require(region, "segmentation", f"{src}: {rname}")
-            if isinstance(segm, list) and segm and not isinstance(segm[0], list):
-                segm = [segm]  # COCOA stores one polygon as a flat list
+        for r, region in enumerate(require_list(entry, "regions", where)):
+            spec = _region_spec(region, image_id, len(specs) + 1, f"{name}: region {r}", src)
             if "order" in region:
-                order = require_int(region, "order", f"{src}: {rname}")
+                order = require_int(region, "order", spec.where)
                 if order in order_id:
-                    raise InputError(f"{src}: {rname}: duplicate 'order' {order}")
-                order_id[order] = len(specs) + 1
-            specs.append(_Spec(image_id, len(specs) + 1, 2 if region.get("isStuff") else 1,
-                               rname, f"{src}: {rname}", segm, "segmentation",
-                               region.get("visible_mask"), "visible_mask",
-                               region.get("invisible_mask")))
+                    raise InputError(f"{spec.where}: duplicate 'order' {order}")
+                order_id[order] = spec.ann_id
+            specs.append(spec)
+        given = given or "depth_constraint" in entry
         relations += _depth_constraint(entry, order_id, image_id, where)
-    return categories, specs, relations
+    return categories, specs, relations, given
+
+
+def _region_spec(region, image_id, ann_id, rname, src) -> _Spec:
+    where = f"{src}: {rname}"
+    segm = require(region, "segmentation", where)
+    if isinstance(segm, list) and segm and not isinstance(segm[0], list):
+        segm = [segm]  # COCOA stores one polygon as a flat list
+    return _Spec(image_id, ann_id, 2 if region.get("isStuff") else 1, rname, where, segm,
+                 "segmentation", region.get("visible_mask"), "visible_mask",
+                 region.get("invisible_mask"), occlude_rate=_rate(region, where))
 
 
 def _depth_constraint(entry, order_id, image_id, where) -> list:
@@ -619,8 +837,28 @@ def _image_record(image: _Image, specs) -> ImageRecord:
             box = [x - p, y - p, x - p + w, y - p + h] if w else [0.0] * 4
         rec.instances.append(InstanceRecord(
             spec.ann_id, spec.label, box, amodal, rles.get(spec.visible_key),
-            rles.get("invisible_mask"), spec.iscrowd, spec.occlude_rate))
+            rles.get("invisible_mask"), spec.iscrowd, spec.occlude_rate, spec.ignore))
     return rec
+
+
+def _kins_relations(rec: ImageRecord, specs: list) -> list:
+    """KINS occlusion order as relations of one image (ann ids): within an occlusion
+    cluster (same ``oco_id``) depth order ``ico_id`` starts at 1 for the front object and
+    grows by one each time an object is occluded once more (0: overlaps nothing). A lies
+    on B when both are ordered, A's ``ico_id`` is smaller and their amodal masks overlap."""
+    relations = []
+    for a, b in overlapping_pairs([inst.amodal for inst in rec.instances]):
+        order_a, order_b = specs[a].order, specs[b].order
+        if (order_a is None or order_b is None or order_a[0] != order_b[0]
+                or 0 in (order_a[1], order_b[1]) or order_a[1] == order_b[1]):
+            continue
+        if _area(mask_utils.merge([rec.instances[a].amodal, rec.instances[b].amodal],
+                                  intersect=True)) == 0:
+            continue
+        upper, lower = (a, b) if order_a[1] < order_b[1] else (b, a)
+        relations.append((rec.image_id, specs[upper].ann_id, specs[lower].ann_id,
+                          f"{specs[upper].where}: ico_id"))
+    return relations
 
 
 def _build_records(images: dict, specs: list, relations: list) -> list:
@@ -628,6 +866,9 @@ def _build_records(images: dict, specs: list, relations: list) -> list:
     for spec in specs:
         by_image[spec.image_id].append(spec)
     records = [_image_record(image, by_image[image_id]) for image_id, image in images.items()]
+    for rec in records:
+        if any(spec.order for spec in by_image[rec.image_id]):
+            relations = relations + _kins_relations(rec, by_image[rec.image_id])
     by_id = {r.image_id: r for r in records}
     index_of = {inst.ann_id: (rec.image_id, i)  # annotation id -> (image id, index)
                 for rec in records for i, inst in enumerate(rec.instances)}
@@ -648,21 +889,25 @@ def _build_records(images: dict, specs: list, relations: list) -> list:
 
 
 def write_amodal_coco(samples: Iterable[AmodalSample], path, categories=None,
-                      info: Optional[dict] = None) -> dict:
+                      info: Optional[dict] = None, relations_source: str = "given") -> dict:
     """Write samples as D2S-amodal-style COCO JSON (docs/data_format.md), atomically.
 
     ``samples`` is consumed once (a generator is fine: only the RLEs are kept).
     ``categories`` lists ``{"id", "name"}`` in label order (label k is
     ``categories[k - 1]``); by default category id = label. Image and annotation ids are
     the samples' own when they are unique positive integers, else renumbered from 1.
-    Returns the written object.
+    ``occlusion_relations`` (with ``relations_source``) is written only when some sample's
+    relations are known: an empty list would say "nothing lies on anything" and turn the
+    order scoring of the masks' own relations off. Returns the written object.
     """
     images, annotations, relations = [], [], []
+    known = False
     cat_of = None
     if categories is not None:
         cat_of = {k + 1: int(c["id"]) for k, c in enumerate(categories)}
     labels_seen = set()
     for sample in samples:
+        known = known or sample.relations_known
         p = sample.mask_padding
         ann_base = len(annotations)
         image_id = None if sample.image_id is None else int(sample.image_id)
@@ -696,12 +941,61 @@ def write_amodal_coco(samples: Iterable[AmodalSample], path, categories=None,
         "images": images,
         "categories": [{"id": int(c["id"]), "name": str(c["name"])} for c in categories],
         "annotations": annotations,
-        "occlusion_relations": [
-            {"image_id": images[i]["id"], "occluder_id": annotations[u]["id"],
-             "occludee_id": annotations[v]["id"]} for i, u, v in relations],
     }
+    if known:
+        obj["relations_source"] = relations_source
+        obj["occlusion_relations"] = [
+            {"image_id": images[i]["id"], "occluder_id": annotations[u]["id"],
+             "occludee_id": annotations[v]["id"]} for i, u, v in relations]
     atomic_write_json(path, obj)
     return obj
+
+
+def write_dataset(dataset: AmodalDataset, path) -> dict:
+    """Write a read file in our format (``orcnn-core convert``), atomically: every record
+    as read (crowd and ignored instances, masks, ids, occlusion rates kept, so that it
+    scores the same), with the relations the source states or, where it states none (and
+    is not modal-only), those :func:`derive_relations` finds; ``relations_source`` says
+    which. Returns the written object."""
+    source = dataset.relations_source or (None if dataset.modal_only else "derived")
+    category_ids = [c["id"] for c in dataset.categories]
+    images, annotations, relations = [], [], []
+    for rec in dataset.records:
+        images.append({"id": rec.image_id, "file_name": rec.file_name, "width": rec.width,
+                       "height": rec.height, "mask_padding": rec.padding})
+        annotations += [_record_entry(inst, rec, category_ids[inst.label - 1])
+                        for inst in rec.instances]
+        pairs = rec.relations if dataset.relations_given else (
+            derive_relations(rec) if source else [])
+        relations += [{"image_id": rec.image_id,
+                       "occluder_id": rec.instances[upper].ann_id,
+                       "occludee_id": rec.instances[lower].ann_id} for upper, lower in pairs]
+    info = {"format": "d2s_amodal", "source_format": dataset.layout}
+    if dataset.modal_only:
+        info["modal_only"] = True
+    obj = {"info": info, "images": images, "categories": [
+        {"id": c["id"], "name": c["name"]} for c in dataset.categories],
+        "annotations": annotations}
+    if source:
+        obj["relations_source"] = source
+        obj["occlusion_relations"] = relations
+    atomic_write_json(path, obj)
+    return obj
+
+
+def _record_entry(inst: InstanceRecord, rec: ImageRecord, category_id: int) -> dict:
+    """Our annotation entry of a record; optional masks and values only where read."""
+    x0, y0, x1, y1 = inst.box
+    entry = {"id": inst.ann_id, "image_id": rec.image_id, "category_id": category_id,
+             "iscrowd": int(inst.iscrowd), "bbox": [x0, y0, x1 - x0, y1 - y0],
+             "area": int(_area(inst.amodal)), "segmentation": inst.amodal}
+    if inst.ignore:
+        entry["ignore"] = 1
+    for key, value in (("visible_mask", inst.visible), ("invisible_mask", inst.invisible),
+                       ("occlude_rate", inst.occlude_rate)):
+        if value is not None:
+            entry[key] = value
+    return entry
 
 
 def _renumber(images, annotations):

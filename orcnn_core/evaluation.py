@@ -2,8 +2,9 @@
 
 ``AP_A`` and ``AP_V`` are COCO mask AP on amodal resp. visible masks; ``AP_AV`` counts a
 detection as a true positive at IoU threshold t only when amodal *and* visible IoU with the
-same ground truth reach t. The *occluded* evaluation ignores non-occluded ground truths and
-the detections meant for them (amodal IoU >= 0.5 with one, and higher than with any
+same ground truth reach t. The *occluded* evaluation ignores non-occluded ground truths as
+COCO ignores ground truths (the COCOA amodal API's rule, the default; ``"paper"`` also
+ignores the detections meant for them: amodal IoU >= 0.5 with one, and higher than with any
 occluded ground truth of the class), and adds ``AP_IV50`` (invisible-mask AP at IoU 0.5).
 On top: occlusion-order accuracy of matched pairs and a breakdown by occlusion level,
 truncation and object size. docs/evaluation.md defines every figure; all AP values are
@@ -31,6 +32,8 @@ from orcnn_core.data import (
     ImageRecord,
     InstanceRecord,
     check_bbox,
+    covered,
+    derive_relations,
     load_json,
     parse_dataset,
     require,
@@ -41,8 +44,7 @@ from orcnn_core.errors import InputError
 from orcnn_core.fileio import atomic_write_json, check_not_an_input, check_regular_file
 from orcnn_core.imageio import check_output_file
 from orcnn_core.order_metrics import (ImageOrder, OrderCounts, graph_order, image_counts,
-                                      match_by_amodal_iou, prediction_from_masks,
-                                      shown_relations, summarize)
+                                      match_by_amodal_iou, prediction_from_crops, summarize)
 
 #: Detections with amodal IoU >= this with an ignored ground truth are ignored (paper 3.3).
 IGNORE_IOU = 0.5
@@ -52,6 +54,12 @@ ORDER_IOU = 0.5
 #: none r = 0, partial 0 < r < HEAVY_OCCLUSION, heavy r >= HEAVY_OCCLUSION.
 HEAVY_OCCLUSION = 0.5
 MASK_KINDS = ("AV", "A", "V")
+#: Rules for the detections of ignored ground truths in the occluded evaluation and the
+#: breakdown groups: "reference" (COCO's: a detection matched to an ignored ground truth
+#: is ignored, as the COCOA amodal API does; the default) or "paper" (Follmann et al.
+#: 2019, 3.3: also every detection with amodal IoU >= IGNORE_IOU with one, see
+#: docs/evaluation.md).
+OCCLUDED_RULES = ("reference", "paper")
 
 
 # ----------------------------------------------------------------------------------------
@@ -61,16 +69,17 @@ MASK_KINDS = ("AV", "A", "V")
 class _Instance:
     """One ground truth or detection with its masks on the image's padded canvas."""
 
-    __slots__ = ("uid", "image_id", "category_id", "score", "iscrowd", "amodal", "visible",
-                 "invisible", "has_visible", "area", "rate", "truncated", "order")
+    __slots__ = ("uid", "image_id", "category_id", "score", "iscrowd", "ignore", "amodal",
+                 "visible", "invisible", "has_visible", "area", "rate", "truncated", "order")
 
     def __init__(self, uid, image_id, category_id, amodal, visible, invisible, score=1.0,
-                 iscrowd=0):
+                 iscrowd=0, ignore=False):
         self.uid = uid                  # 1.. (COCOeval reads id 0 as "unmatched")
         self.image_id = image_id
         self.category_id = category_id
         self.score = score
         self.iscrowd = iscrowd
+        self.ignore = ignore            # ground truth flagged "ignore" (KINS)
         self.amodal = amodal
         self.visible = visible or amodal
         self.has_visible = visible is not None
@@ -80,18 +89,25 @@ class _Instance:
         self.truncated = False          # amodal mask reaches the padding (ground truth only)
         self.order = None               # the published order entry (detections only)
 
+    @property
+    def counted(self) -> bool:
+        """A ground truth to be found: not a crowd region, not flagged ignore."""
+        return not (self.iscrowd or self.ignore)
 
-def _ground_truth(gt, name: str) -> AmodalDataset:
+
+def _ground_truth(gt, name: str, fmt: str = "auto", annotators: str = "first"):
     """The data set of ``gt``: a parsed annotation file in any layout orcnn_core.data reads
     (images need no ``file_name``: none is read), or an :class:`AmodalDataset` as is."""
     if isinstance(gt, AmodalDataset):
         return gt
-    return parse_dataset(gt, name, need_file_names=False)
+    return parse_dataset(gt, name, fmt, need_file_names=False, annotators=annotators)
 
 
 def _gt_instances(dataset: AmodalDataset):
-    """Ground-truth instances (uids 1.., crowd regions included) and relations (set of
-    (occluder uid, occludee uid), or None when the file states none)."""
+    """Ground-truth instances (uids 1.., crowd regions included), relations (set of
+    (occluder uid, occludee uid)) and where these come from: "annotations" (stated by the
+    file) or "masks" (derived from the masks, by orcnn_core.data.derive_relations, when
+    the file states none or was written with derived ones)."""
     category_ids = [c["id"] for c in dataset.categories]
     instances, relations = [], set()
     for image in dataset.records:
@@ -100,8 +116,10 @@ def _gt_instances(dataset: AmodalDataset):
         for k, record in enumerate(image.instances):
             instances.append(_gt_instance(record, image, first + k,
                                           category_ids[record.label - 1], inside))
-        relations.update((first + upper, first + lower) for upper, lower in image.relations)
-    return instances, (relations if dataset.relations_given else None)
+        pairs = image.relations if dataset.relations_given else derive_relations(image)
+        relations.update((first + upper, first + lower) for upper, lower in pairs)
+    source = "annotations" if dataset.relations_source == "given" else "masks"
+    return instances, relations, source
 
 
 def _canvas(image: ImageRecord):
@@ -115,9 +133,9 @@ def _image_area(image: ImageRecord):
     if pad == 0:
         return None
     height, width = _canvas(image)
-    inside = np.zeros((height, width), np.uint8)
-    inside[pad:height - pad, pad:width - pad] = 1
-    return masks.encode(inside)
+    box = np.array([[pad, pad, image.width, image.height]], np.float64)
+    rle = mask_utils.frPyObjects(box, height, width)[0]
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
 def _gt_instance(record: InstanceRecord, image: ImageRecord, uid: int, category_id: int,
@@ -125,7 +143,7 @@ def _gt_instance(record: InstanceRecord, image: ImageRecord, uid: int, category_
     """Occlusion rate and truncation of one ground truth (``inside``: the image area on the
     canvas, see :func:`_image_area`)."""
     inst = _Instance(uid, image.image_id, category_id, record.amodal, record.visible,
-                     record.invisible, iscrowd=int(record.iscrowd))
+                     record.invisible, iscrowd=int(record.iscrowd), ignore=record.ignore)
     if record.occlude_rate is not None:
         inst.rate = record.occlude_rate
     elif inst.area > 0:
@@ -232,10 +250,10 @@ def _read_order(order, where: str) -> tuple:
 
 
 def _invisible(inst: _Instance) -> dict:
-    """Invisible mask: the given one, else amodal AND NOT visible (computed once)."""
+    """Invisible mask: the given one, else amodal AND NOT visible (computed once, on the
+    RLEs)."""
     if inst.invisible is None:
-        hidden = masks.decode(inst.amodal) & (1 - masks.decode(inst.visible))
-        inst.invisible = masks.encode(hidden)
+        inst.invisible = masks.rle_difference(inst.amodal, inst.visible)
     return inst.invisible
 
 
@@ -321,9 +339,10 @@ def _ap_triplet(run: _MatrixEval, kind: str, area_index=0) -> dict:
 class _Evaluator:
     """Ground truths and detections grouped per (image, category), IoUs computed once."""
 
-    def __init__(self, images, categories, gts, dets):
+    def __init__(self, images, categories, gts, dets, occluded_rule="reference"):
         self.images = images
         self.categories = categories
+        self.rule = occluded_rule
         self.gts = defaultdict(list)
         self.dets = defaultdict(list)
         for inst in gts:
@@ -363,8 +382,8 @@ class _Evaluator:
         ignored = set()
         for key, d in self.dets.items():
             gts = self.gts.get(key, ())
-            outside = [col for col, g in enumerate(gts) if not g.iscrowd and not member(g)]
-            inside = [col for col, g in enumerate(gts) if not g.iscrowd and member(g)]
+            outside = [col for col, g in enumerate(gts) if g.counted and not member(g)]
+            inside = [col for col, g in enumerate(gts) if g.counted and member(g)]
             if d and outside:
                 ious = self.ious["A"][key]
                 best_out = ious[:, outside].max(axis=1)
@@ -374,14 +393,16 @@ class _Evaluator:
         return frozenset(ignored)
 
     def run(self, ious, member=None, iou_thresholds=None, all_area_ranges=False):
-        """COCOeval on ``ious``; with ``member``, GTs it rejects and their detections are
-        ignored (the paper's rule for the occluded evaluation)."""
+        """COCOeval on ``ious``; with ``member``, GTs it rejects are ignored (and, by the
+        "paper" rule, the detections meant for them)."""
         gts = {key: [{"id": g.uid, "area": g.area, "iscrowd": g.iscrowd,
-                      "ignore": int(g.iscrowd or (member is not None and not member(g)))}
+                      "ignore": int(not g.counted or (member is not None and not member(g)))}
                      for g in value] for key, value in self.gts.items()}
         dts = {key: [{"id": d.uid, "area": d.area, "score": d.score} for d in value]
                for key, value in self.dets.items()}
-        ignored = frozenset() if member is None else self.ignored_detections(member)
+        ignored = frozenset()
+        if member is not None and self.rule == "paper":
+            ignored = self.ignored_detections(member)
         return _MatrixEval(gts, dts, ious, sorted(self.images), self.categories,
                            iou_thresholds, all_area_ranges, ignored).run()
 
@@ -391,7 +412,7 @@ class _Evaluator:
         for kind in MASK_KINDS:
             result.update(_ap_triplet(self.run(self.ious[kind], member), kind))
         result["num_gt"] = sum(1 for value in self.gts.values() for g in value
-                               if not g.iscrowd and member(g))
+                               if g.counted and member(g))
         return result
 
 
@@ -399,36 +420,10 @@ class _Evaluator:
 # Occlusion order
 
 
-def _overlap(a: dict, b: dict) -> float:
-    return float(mask_utils.area(mask_utils.merge([a, b], intersect=True)))
-
-
 def _on_top(upper: _Instance, lower: _Instance) -> float:
     """Evidence that ``upper`` lies on ``lower``: its visible mask over ``lower``'s hidden part,
-    minus the converse."""
-    return (_overlap(upper.visible, _invisible(lower))
-            - _overlap(lower.visible, _invisible(upper)))
-
-
-def _relations_from_masks(gts: list) -> set:
-    """GT relations when the file has none: for amodally overlapping pairs, the one whose
-    visible mask covers more of the other's invisible part lies on top (ties: no relation)."""
-    relations = set()
-    by_image = defaultdict(list)
-    for g in gts:
-        if not g.iscrowd:
-            by_image[g.image_id].append(g)
-    for group in by_image.values():
-        overlaps = _iou([g.amodal for g in group], [g.amodal for g in group], [0] * len(group))
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                if overlaps[i, j] > 0:
-                    evidence = _on_top(group[i], group[j])
-                    if evidence > 0:
-                        relations.add((group[i].uid, group[j].uid))
-                    elif evidence < 0:
-                        relations.add((group[j].uid, group[i].uid))
-    return relations
+    minus the converse (on the RLEs)."""
+    return covered(upper.visible, _invisible(lower)) - covered(lower.visible, _invisible(upper))
 
 
 def _order_accuracy(run_a: _MatrixEval, gts: list, dets: list, relations: set,
@@ -452,7 +447,7 @@ def _order_accuracy(run_a: _MatrixEval, gts: list, dets: list, relations: set,
     for upper, lower in sorted(relations - mutual):
         if upper not in match or lower not in match:
             continue
-        if gt_by_uid[upper].iscrowd or gt_by_uid[lower].iscrowd:
+        if not (gt_by_uid[upper].counted and gt_by_uid[lower].counted):
             continue
         if _on_top(gt_by_uid[upper], gt_by_uid[lower]) <= 0:
             skipped += 1        # e.g. the overlap is hidden under a third object
@@ -471,7 +466,7 @@ def _published_order(gts: list, dets: list, relations: set) -> dict:
     ground-truth masks fed through the same rule."""
     gts_by_image, dets_by_image = defaultdict(list), defaultdict(list)
     for g in gts:
-        if not g.iscrowd:
+        if g.counted:
             gts_by_image[g.image_id].append(g)
     for d in dets:
         dets_by_image[d.image_id].append(d)
@@ -479,16 +474,32 @@ def _published_order(gts: list, dets: list, relations: set) -> dict:
     for image_id, group in gts_by_image.items():
         index = {g.uid: k for k, g in enumerate(group)}
         related = [(index[a], index[b]) for a, b in relations if a in index and b in index]
-        amodal = np.stack([masks.decode(g.amodal) for g in group]).astype(bool)
-        visible = np.stack([masks.decode(g.visible) for g in group]).astype(bool)
-        shown = shown_relations(related, amodal, visible)
-        truth = prediction_from_masks(amodal, visible)
+        # Shown: the upper object's visible part covers some of the lower one's hidden part
+        # (amodal AND NOT visible, as the node's rule sees masks).
+        shown = [(a, b) for a, b in related
+                 if covered(group[a].visible,
+                            masks.rle_difference(group[b].amodal, group[b].visible)) > 0]
+        truth = _crop_prediction(group)
         gt_masks.add(image_counts(graph_order(truth), np.arange(len(group)), related, shown))
         found = dets_by_image.get(image_id, [])
         match = match_by_amodal_iou([g.amodal for g in group], [d.amodal for d in found],
                                     [d.score for d in found])
         model.add(image_counts(_detections_order(found), match, related, shown))
     return {"model": summarize(model), "gt_masks": summarize(gt_masks)}
+
+
+def _crop_prediction(instances: list, scores=None):
+    """The node's prediction-like object of instances' masks, each decoded only over its
+    amodal box (orcnn_core.order_metrics.prediction_from_crops)."""
+    boxes = np.asarray(mask_utils.toBbox([i.amodal for i in instances]), np.int64)
+    rois, amodal, visible = [], [], []
+    for inst, (x, y, w, h) in zip(instances, boxes.reshape(-1, 4)):
+        window = (x, y, x + w, y + h)
+        present = w > 0 and h > 0
+        rois.append((x, y, w, h) if present else None)
+        amodal.append(masks.decode_window(inst.amodal, *window) if present else None)
+        visible.append(masks.decode_window(inst.visible, *window) if present else None)
+    return prediction_from_crops(rois, amodal, visible, scores)
 
 
 def _detections_order(found: list) -> ImageOrder:
@@ -503,9 +514,7 @@ def _detections_order(found: list) -> ImageOrder:
                           np.argsort(ranks, kind="stable"))
     if not found:
         return ImageOrder(np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
-    amodal = np.stack([masks.decode(d.amodal) for d in found]).astype(bool)
-    visible = np.stack([masks.decode(d.visible) for d in found]).astype(bool)
-    return graph_order(prediction_from_masks(amodal, visible, [d.score for d in found]))
+    return graph_order(_crop_prediction(found, [d.score for d in found]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -513,17 +522,22 @@ def _detections_order(found: list) -> ImageOrder:
 
 
 def evaluate_loaded(gt, predictions: list, gt_name: str = "ground truth",
-                    predictions_name: str = "predictions") -> dict:
+                    predictions_name: str = "predictions", occluded_rule: str = "reference",
+                    fmt: str = "auto", annotators: str = "first") -> dict:
     """Amodal metrics of ``predictions`` (a COCO results list) against ``gt``: a parsed
-    annotation file (a dict in any layout :func:`orcnn_core.data.parse_dataset` reads) or an
-    already read :class:`orcnn_core.data.AmodalDataset`. The names appear in
-    :class:`InputError` messages."""
-    dataset = _ground_truth(gt, gt_name)
+    annotation file (a dict in any layout :func:`orcnn_core.data.parse_dataset` reads, as
+    ``fmt`` and ``annotators`` say) or an already read
+    :class:`orcnn_core.data.AmodalDataset`. ``occluded_rule`` is one of
+    :data:`OCCLUDED_RULES`. The names appear in :class:`InputError` messages."""
+    if occluded_rule not in OCCLUDED_RULES:
+        raise InputError(f"occluded rule {occluded_rule!r}: one of "
+                         f"{', '.join(OCCLUDED_RULES)}")
+    dataset = _ground_truth(gt, gt_name, fmt, annotators)
     images = {image.image_id: image for image in dataset.records}
     categories = [c["id"] for c in dataset.categories]
-    gts, relations = _gt_instances(dataset)
+    gts, relations, source = _gt_instances(dataset)
     dets = _read_predictions(predictions, images, categories, predictions_name)
-    ev = _Evaluator(images, categories, gts, dets)
+    ev = _Evaluator(images, categories, gts, dets, occluded_rule)
 
     metrics = {}
     runs = {kind: ev.run(ev.ious[kind], all_area_ranges=True) for kind in MASK_KINDS}
@@ -536,9 +550,6 @@ def evaluate_loaded(gt, predictions: list, gt_name: str = "ground truth",
     metrics["occluded"] = ev.subset(occluded)
     iv = ev.run(ev.invisible_ious(occluded), occluded, iou_thresholds=[0.5])
     metrics["occluded"]["AP_IV50"] = _ap(iv)
-    source = "annotations" if relations is not None else "masks"
-    if relations is None:
-        relations = _relations_from_masks(gts)
     metrics["order"] = _order_accuracy(runs["A"], gts, dets, relations, source)
     metrics["published_order"] = _published_order(gts, dets, relations)
 
@@ -555,23 +566,28 @@ def evaluate_loaded(gt, predictions: list, gt_name: str = "ground truth",
         group = {}
         for kind in MASK_KINDS:
             group.update(_ap_triplet(runs[kind], kind, index))
-        group["num_gt"] = sum(1 for g in gts if not g.iscrowd and low <= g.area <= high)
+        group["num_gt"] = sum(1 for g in gts if g.counted and low <= g.area <= high)
         breakdown["area"][label] = group
     metrics["breakdown"] = breakdown
     metrics["num_images"] = len(images)
-    metrics["num_gt"] = sum(1 for g in gts if not g.iscrowd)
+    metrics["num_gt"] = sum(1 for g in gts if g.counted)
     metrics["num_crowd"] = sum(1 for g in gts if g.iscrowd)
+    metrics["num_ignored"] = sum(1 for g in gts if g.ignore and not g.iscrowd)
+    metrics["protocol"] = {"format": dataset.layout, "occluded_rule": occluded_rule,
+                           "relations": source}
     metrics["num_predictions"] = len(dets)
     metrics["num_predictions_without_visible"] = sum(1 for d in dets if not d.has_visible)
     return metrics
 
 
-def evaluate(gt_path, predictions_path) -> dict:
+def evaluate(gt_path, predictions_path, occluded_rule: str = "reference", fmt: str = "auto",
+             annotators: str = "first") -> dict:
     """Amodal metrics of a predictions file against a ground-truth file (see
     :func:`evaluate_loaded`); bad input raises :class:`InputError` naming file and entry."""
     gt = load_json(gt_path, "ground-truth")
     predictions = load_json(predictions_path, "predictions")
-    return evaluate_loaded(gt, predictions, str(gt_path), str(predictions_path))
+    return evaluate_loaded(gt, predictions, str(gt_path), str(predictions_path),
+                           occluded_rule, fmt, annotators)
 
 
 def _cell(value) -> str:
@@ -614,7 +630,8 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(gt_path, predictions_path, out_path=None) -> int:
+def run_evaluate(gt_path, predictions_path, out_path=None, occluded_rule: str = "reference",
+                 fmt: str = "auto", annotators: str = "first") -> int:
     """``orcnn-core evaluate --gt GT.json --predictions PRED.json``: the inputs must be
     regular files and ``--out`` neither of them (checked before either is read); print the
     table, write the metrics JSON atomically."""
@@ -624,7 +641,7 @@ def run_evaluate(gt_path, predictions_path, out_path=None) -> int:
         check_output_file(out_path, "--out")
         check_not_an_input(out_path, [("--gt", gt_path), ("--predictions", predictions_path)],
                            "--out")
-    metrics = evaluate(gt_path, predictions_path)
+    metrics = evaluate(gt_path, predictions_path, occluded_rule, fmt, annotators)
     if out_path is not None:
         try:
             atomic_write_json(out_path, metrics, indent=2)

@@ -178,3 +178,54 @@ def pad_mask(mask: np.ndarray, pad: int) -> np.ndarray:
     if pad == 0:
         return mask
     return np.pad(mask, pad, mode="constant")
+
+
+# RLE arithmetic without decoding the canvas: evaluation and relation derivation on
+# canvases up to MAX_CANVAS_SIDE must not hold full-canvas masks (1 GiB each at the limit).
+
+
+def _runs(rle: dict) -> np.ndarray:
+    """Run lengths (int64) of a checked compressed RLE (zeros first)."""
+    counts = rle["counts"]
+    raw = counts.encode("ascii") if isinstance(counts, str) else counts
+    return np.asarray(_compressed_counts(raw, "RLE"), np.int64)
+
+
+def rle_difference(a: dict, b: dict) -> dict:
+    """Compressed RLE (str counts) of ``a AND NOT b`` (same canvas), computed on the runs.
+
+    ``a - b = a XOR (a AND b)``, and the boundaries of a XOR of two run sets are the
+    symmetric difference of their boundaries.
+    """
+    both = mask_utils.merge([a, b], intersect=True)
+    total = int(a["size"][0]) * int(a["size"][1])
+    edges = np.setxor1d(np.cumsum(_runs(a))[:-1], np.cumsum(_runs(both))[:-1])
+    edges = edges[edges < total]  # an edge at 0: the mask starts with ones
+    runs = np.diff(np.concatenate([[0], edges, [total]]))
+    rle = mask_utils.frPyObjects({"size": list(a["size"]), "counts": runs.tolist()},
+                                 *a["size"])
+    return {"size": list(a["size"]), "counts": rle["counts"].decode("ascii")}
+
+
+def decode_window(rle: dict, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """uint8 (y1 - y0) x (x1 - x0) window of an RLE's mask, without decoding the rest of
+    the canvas: memory grows with the window and the number of runs only."""
+    height = int(rle["size"][0])
+    ends = np.cumsum(_runs(rle))
+    starts, ends = (ends - np.diff(np.concatenate([[0], ends])))[1::2], ends[1::2]
+    keep = (ends > starts) & (ends > x0 * height) & (starts < x1 * height)
+    starts, ends = starts[keep], ends[keep]
+    # Split every run of ones (column-major) into its pieces per column.
+    first, last = starts // height, (ends - 1) // height
+    pieces = last - first + 1
+    run = np.repeat(np.arange(len(starts)), pieces)
+    column = first[run] + np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces,
+                                                              pieces)
+    top = np.clip(starts[run] - column * height, y0, y1)
+    bottom = np.clip(ends[run] - column * height, y0, y1)
+    inside = (column >= x0) & (column < x1) & (bottom > top)
+    change = np.zeros((x1 - x0, y1 - y0 + 1), np.int8)
+    np.add.at(change, (column[inside] - x0, top[inside] - y0), 1)
+    np.add.at(change, (column[inside] - x0, bottom[inside] - y0), -1)
+    return np.ascontiguousarray(np.cumsum(change[:, :-1], axis=1, dtype=np.int8).T
+                                ).astype(np.uint8)

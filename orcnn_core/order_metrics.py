@@ -32,8 +32,8 @@ from orcnn_core.occlusion import occlusion_graph
 from orcnn_core.prediction import VISIBLE
 
 __all__ = ["MIN_IOU", "ImageOrder", "OrderCounts", "match_by_amodal_iou", "image_counts",
-           "summarize", "prediction_from_masks", "graph_order", "shown_relations",
-           "encode_masks"]
+           "summarize", "prediction_from_masks", "prediction_from_crops", "graph_order",
+           "shown_relations", "encode_masks"]
 
 #: Amodal mask IoU at which a detection is the ground-truth object it overlaps.
 MIN_IOU = 0.5
@@ -161,22 +161,39 @@ def prediction_from_masks(amodal: np.ndarray, visible: np.ndarray, scores=None):
     """A prediction-like object (rois, label crops, scores, amodal areas) of full masks,
     bool [N, H, W] each, for :func:`~orcnn_core.occlusion.occlusion_graph`: how the
     ground-truth masks are fed through the node's own rule."""
-    n = len(amodal)
-    rois = np.zeros((n, 4), np.int64)
-    crops = []
-    for i in range(n):
-        ys, xs = np.nonzero(amodal[i])
+    rois, amodal_crops, visible_crops = [], [], []
+    for a, v in zip(amodal, visible):
+        ys, xs = np.nonzero(a)
         if not len(ys):
-            rois[i] = (0, 0, 1, 1)
-            crops.append(np.zeros((1, 1), np.uint8))
+            rois.append(None)
+            amodal_crops.append(None)
+            visible_crops.append(None)
             continue
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        rois[i] = (x0, y0, x1 - x0, y1 - y0)
-        a = amodal[i, y0:y1, x0:x1]
-        v = visible[i, y0:y1, x0:x1] & a
+        rois.append((x0, y0, x1 - x0, y1 - y0))
+        amodal_crops.append(a[y0:y1, x0:x1])
+        visible_crops.append(v[y0:y1, x0:x1])
+    return prediction_from_crops(rois, amodal_crops, visible_crops, scores)
+
+
+def prediction_from_crops(rois, amodal_crops, visible_crops, scores=None):
+    """:func:`prediction_from_masks` of masks given as crops over their amodal boxes
+    (``rois`` [x, y, w, h] each, or None with None crops for an empty mask), so that no
+    full-canvas mask is needed."""
+    n = len(rois)
+    boxes = np.zeros((n, 4), np.int64)
+    crops = []
+    for i, (roi, a, v) in enumerate(zip(rois, amodal_crops, visible_crops)):
+        if roi is None:
+            boxes[i] = (0, 0, 1, 1)
+            crops.append(np.zeros((1, 1), np.uint8))
+            continue
+        boxes[i] = roi
+        a = np.asarray(a, bool)
+        v = np.asarray(v, bool) & a
         # VISIBLE (1) on every amodal pixel, one more where it is hidden: HIDDEN (2).
         crops.append(a.astype(np.uint8) * VISIBLE + (a & ~v).astype(np.uint8))
-    return _MaskPrediction(rois, crops, np.ones(n, np.float32) if scores is None
+    return _MaskPrediction(boxes, crops, np.ones(n, np.float32) if scores is None
                            else np.asarray(scores, np.float32))
 
 

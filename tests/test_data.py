@@ -458,3 +458,33 @@ def test_kins_needs_visible_mask(tmp_path):
     with pytest.raises(InputError, match=r"kins.json: annotation 3: key 'inmodal_seg' or "
                                          r"'i_segm' missing"):
         load_dataset(write_json(tmp_path / "kins.json", obj), fmt="kins")
+
+
+def test_relations_source_and_ignore_flags_are_read_and_checked(tmp_path):
+    obj, _ = d2s_fixture(tmp_path)
+    ds = load_dataset(write_json(tmp_path / "d2s.json", obj))
+    assert ds.relations_source == "given"
+    obj["relations_source"] = "derived"
+    _ann(obj, 8)["ignore"] = 1
+    ds = load_dataset(write_json(tmp_path / "d2s.json", obj))
+    assert ds.relations_source == "derived" and ds.records[0].relations == [(1, 0)]
+    assert [i.ignore for i in ds.records[0].instances] == [False, True]
+    assert ds[0].annotation_ids.tolist() == [7] and len(ds[0].occlusion_relations) == 0
+    obj["relations_source"] = "guessed"
+    with pytest.raises(InputError, match="'relations_source' must be one of given, derived, "
+                                         "got 'guessed'"):
+        load_dataset(write_json(tmp_path / "bad.json", obj))
+    obj["relations_source"] = "given"
+    _ann(obj, 8)["ignore"] = 2
+    with pytest.raises(InputError, match="annotation 8: 'ignore' must be 0 or 1"):
+        load_dataset(write_json(tmp_path / "bad.json", obj))
+
+
+def test_synthetic_samples_write_their_relations(tmp_path):
+    """Samples whose relations are known (the file states them) keep the key."""
+    obj, _ = d2s_fixture(tmp_path)
+    ds = load_dataset(write_json(tmp_path / "d2s.json", obj))
+    written = write_amodal_coco(ds, tmp_path / "out.json", categories=ds.categories)
+    assert written["relations_source"] == "given"
+    assert written["occlusion_relations"] == [{"image_id": 11, "occluder_id": 8,
+                                               "occludee_id": 7}]

@@ -5,14 +5,16 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from orcnn_core import cli, evaluation
-from orcnn_core.data import parse_dataset
+from orcnn_core.data import derive_relations, parse_dataset
 from orcnn_core.masks import encode
 
 #: COCO's 101 recall thresholds: precision 1 up to recall 0.5, then nothing, gives 51/101.
@@ -213,10 +215,9 @@ def test_ap_av_hand_case_amodal_matches_but_visible_does_not():
     assert m["AP_V"] == pytest.approx((3 + 7 * HALF) / 10, abs=1e-12)
 
 
-def test_occluded_evaluation_ignores_non_occluded_gts_and_their_detections():
-    """GT1 is not occluded (ignored), GT2 is. det_c overlaps GT1 with amodal IoU 0.45 (kept:
-    a false positive), det_d with IoU exactly 0.5 and det_a with 0.6 (both ignored at every
-    threshold), det_b is GT2 exactly."""
+def occluded_case():
+    """GT1 is not occluded (ignored), GT2 is. det_c overlaps GT1 with amodal IoU 0.45,
+    det_d with IoU exactly 0.5 and det_a with 0.64, det_b is GT2 exactly."""
     gt1 = box(SHAPE, 0, 0, 8, 8)                                   # 64 px, visible
     gt2 = box(SHAPE, 20, 20, 30, 30)                               # 100 px, occluded
     gt2_visible = box(SHAPE, 20, 20, 30, 26)                       # 40 % hidden
@@ -229,7 +230,30 @@ def test_occluded_evaluation_ignores_non_occluded_gts_and_their_detections():
         assert (det & gt1).sum() / (det | gt1).sum() == pytest.approx(expected)
     predictions = [pred(1, det_c, det_c, 0.95), pred(1, det_a, det_a, 0.9),
                    pred(1, det_d, det_d, 0.85), pred(1, gt2, gt2_visible, 0.8)]
+    return gt, predictions
+
+
+def test_occluded_evaluation_reference_rule_is_cocos_ignore():
+    """COCOA amodal API / COCOeval: a detection matched to the ignored GT1 is ignored at
+    that threshold, every other one counts. Ranked det_c, det_a, det_d, det_b: at IoU 0.5
+    to 0.6 det_a takes GT1 (ignored) and det_c, det_d are false positives (GT1 is taken),
+    precision 1/3 at recall 1; above 0.6 three false positives first: 1/4."""
+    gt, predictions = occluded_case()
     m = evaluation.evaluate_loaded(gt, predictions)
+    occ = m["occluded"]
+    assert m["protocol"]["occluded_rule"] == "reference" and occ["num_gt"] == 1
+    assert occ["AP50_A"] == pytest.approx(1 / 3, abs=1e-12)
+    assert occ["AP_A"] == pytest.approx((3 / 3 + 7 / 4) / 10, abs=1e-12)
+    # Invisible masks: the three detections of GT1 hide nothing, IoU 0: false positives.
+    assert occ["AP_IV50"] == pytest.approx(1 / 4, abs=1e-12)
+    assert evaluation.evaluate_loaded(gt, predictions, occluded_rule="reference") == m
+
+
+def test_occluded_evaluation_paper_rule_also_ignores_detections_of_ignored_gts():
+    """det_c (IoU 0.45 with GT1) stays a false positive; det_d (IoU exactly 0.5) and det_a
+    (0.64) are ignored at every threshold."""
+    gt, predictions = occluded_case()
+    m = evaluation.evaluate_loaded(gt, predictions, occluded_rule="paper")
     occ = m["occluded"]
     assert occ["num_gt"] == 1
     # Ranked: det_c FP, (det_a, det_d ignored), det_b TP -> precision 1/2 up to recall 1.
@@ -252,7 +276,7 @@ def test_ignore_rule_keeps_detections_that_fit_a_counted_gt_better():
     gt = gt_file([{"id": 1, "width": 40, "height": 40}],
                  [gt_ann(1, 1, upper, upper), gt_ann(2, 1, lower, lower & 0)])
     m = evaluation.evaluate_loaded(gt, [pred(1, upper, upper, 0.9),
-                                        pred(1, lower, lower & 0, 0.8)])
+                                        pred(1, lower, lower & 0, 0.8)], occluded_rule="paper")
     assert m["occluded"]["num_gt"] == 1
     assert m["occluded"]["AP_A"] == pytest.approx(1.0)
     assert m["breakdown"]["occlusion"]["none"]["AP_A"] == pytest.approx(1.0)
@@ -260,16 +284,20 @@ def test_ignore_rule_keeps_detections_that_fit_a_counted_gt_better():
 
 @pytest.mark.parametrize("seed", [0, 6])
 def test_perfect_predictions_score_one_everywhere(seed):
+    """By the paper's rule; by the reference rule only the whole evaluation must (an exact
+    detection of an ignored GT may take an overlapping occluded GT of its class)."""
     gt, _, _ = random_case(seed)
     predictions = [{"image_id": a["image_id"], "category_id": a["category_id"],
                     "score": 1 - 0.01 * k, "segmentation": a["segmentation"],
                     "visible_mask": a["visible_mask"]}
                    for k, a in enumerate(gt["annotations"]) if not a["iscrowd"]]
-    m = evaluation.evaluate_loaded(gt, predictions)
+    m = evaluation.evaluate_loaded(gt, predictions, occluded_rule="paper")
     groups = [m, m["occluded"], *m["breakdown"]["occlusion"].values(),
               *m["breakdown"]["truncation"].values(), *m["breakdown"]["area"].values()]
     values = [v for group in groups for k, v in group.items() if k.startswith("AP")]
     assert values and all(v == pytest.approx(1.0) or v == -1 for v in values)
+    reference = evaluation.evaluate_loaded(gt, predictions)
+    assert all(reference[k] == pytest.approx(1.0) for k in ("AP_A", "AP_V", "AP_AV"))
     assert m["occluded"]["AP_IV50"] == pytest.approx(1.0)
     assert m["order"]["accuracy"] in (1.0, -1.0) and m["order"]["undecided"] == 0
 
@@ -568,3 +596,115 @@ def test_published_order_from_order_entries_and_from_masks():
         assert result["gt_masks"] == {
             "edge_precision": 1.0, "edge_recall": 2 / 3, "pair_accuracy": 1.0,
             "first_pick_free": 1.0, "first3_free": 1.0, **counts}
+
+
+# ----------------------------------------------------------------------------------------
+# The occluded evaluation against pycocotools; relations from masks at scale
+
+
+class _IgnoringEval(COCOeval):
+    """COCOeval honouring ground-truth ``ignore`` flags (pycocotools resets them to
+    ``iscrowd``): what the COCOA amodal API does with GTs outside its occlusion range."""
+
+    def _prepare(self):
+        super()._prepare()
+        for gts in self._gts.values():
+            for g in gts:
+                g["ignore"] = int(g["ignore"] or g["flag"])
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_occluded_ap_equals_pycocotools_with_non_occluded_gts_ignored(seed):
+    gt, predictions, ref = random_case(seed)
+    metrics = evaluation.evaluate_loaded(gt, predictions)["occluded"]
+    images = {image["id"]: image for image in gt["images"]}
+    for which, kind in enumerate(("A", "V")):
+        dataset = {"images": [{"id": i, "height": im["height"] + 2 * im["mask_padding"],
+                               "width": im["width"] + 2 * im["mask_padding"]}
+                              for i, im in images.items()],
+                   "categories": [{"id": c} for c in (1, 2, 3)],
+                   "annotations": [{"id": ann_id, "image_id": image_id, "category_id": cat,
+                                    "iscrowd": crowd, "area": float(amodal.sum()),
+                                    "flag": int(not (amodal != visible).any()),
+                                    "segmentation": encode((amodal, visible)[which]),
+                                    "bbox": [0, 0, 1, 1]}
+                                   for ann_id, image_id, cat, crowd, amodal, visible
+                                   in ref["gt"]]}
+        results = [{"image_id": i, "category_id": c, "score": s,
+                    "segmentation": encode((a, v)[which])} for i, c, s, a, v in ref["dt"]]
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO()
+            coco_gt.dataset = dataset
+            coco_gt.createIndex()
+            run = _IgnoringEval(coco_gt, coco_gt.loadRes(results), "segm")
+            run.evaluate()
+            run.accumulate()
+            run.summarize()
+        assert abs(metrics[f"AP_{kind}"] - run.stats[0]) <= 1e-4, kind
+
+
+def test_relations_from_masks_of_4000_small_objects_take_seconds():
+    """Only pairs with overlapping amodal boxes are compared: 4000 objects of 10 x 10
+    pixels in a 1200 x 1200 image (a few hundred touching pairs)."""
+    rng = np.random.default_rng(0)
+    anns = []
+    for k in range(4000):
+        x, y = (int(v) for v in rng.integers(0, 1188, 2))
+        anns.append({"id": k + 1, "image_id": 1, "category_id": 1,
+                     "segmentation": [[x, y, x + 10, y, x + 10, y + 10, x, y + 10]]})
+    # Every other object lies on what it overlaps: its visible mask is all of it.
+    gt = {"images": [{"id": 1, "width": 1200, "height": 1200}],
+          "categories": [{"id": 1, "name": "a"}], "annotations": anns,
+          "info": {"format": "d2s_amodal"}}
+    dataset = parse_dataset(gt, "gt.json", need_file_names=False)
+    start = time.perf_counter()
+    relations = derive_relations(dataset.records[0])
+    took = time.perf_counter() - start
+    boxes = np.array([a["segmentation"][0][:2] for a in anns])
+    touching = sum(int(np.sum((np.abs(boxes[i + 1:] - boxes[i]) < 10).all(axis=1)))
+                   for i in range(len(boxes)))
+    assert touching > 100 and relations == []  # visible = amodal: nothing hidden
+    assert took < 5, f"{took:.1f} s"
+
+
+def test_relations_from_masks_on_the_largest_canvas_stay_small_in_memory():
+    """Two overlapping objects on a 32000 x 32000 canvas: no canvas is decoded (one would
+    be 1 GB); the process stays far below that."""
+    code = (
+        "from orcnn_core.data import derive_relations, parse_dataset\n"
+        "from orcnn_core.masks import rle_difference\n"
+        "square = lambda x0, x1: [[x0, x0, x1, x0, x1, x1, x0, x1]]\n"
+        "gt = {'images': [{'id': 1, 'width': 32000, 'height': 32000}],\n"
+        "      'categories': [{'id': 1, 'name': 'a'}], 'info': {'format': 'd2s_amodal'},\n"
+        "      'annotations': [{'id': k, 'image_id': 1, 'category_id': 1,\n"
+        "                       'segmentation': square(*s)}\n"
+        "                      for k, s in ((1, (100, 5000)), (2, (3000, 9000)))]}\n"
+        "record = parse_dataset(gt, 'gt', need_file_names=False).records[0]\n"
+        "upper, lower = record.instances\n"
+        "lower.visible = rle_difference(lower.amodal, upper.amodal)  # upper lies on it\n"
+        "peak = [line.split()[1] for line in open('/proc/self/status')\n"
+        "        if line.startswith('VmHWM')][0]  # kB; ru_maxrss would include pytest's\n"
+        "print(derive_relations(record), int(peak) // 1024)\n")
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    relations, megabytes = result.stdout.rsplit(" ", 1)
+    assert relations == "[(0, 1)]" and int(megabytes) < 400, result.stdout
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_relations_from_masks_equal_the_full_canvas_rule(seed):
+    """derive_relations on RLEs and boxes equals the rule on decoded full-canvas masks."""
+    gt, _, _ = random_case(seed)
+    for record in parse_dataset(gt, "gt.json", need_file_names=False).records:
+        counted = [k for k, inst in enumerate(record.instances) if not inst.iscrowd]
+        amodal = {k: mask_utils.decode(record.instances[k].amodal) for k in counted}
+        visible = {k: mask_utils.decode(record.instances[k].visible) for k in counted}
+        expected = []
+        for i in counted:
+            for j in (j for j in counted if j > i and (amodal[i] & amodal[j]).any()):
+                evidence = (int((visible[i] & amodal[j] & (1 - visible[j])).sum())
+                            - int((visible[j] & amodal[i] & (1 - visible[i])).sum()))
+                if evidence:
+                    expected.append((i, j) if evidence > 0 else (j, i))
+        assert sorted(derive_relations(record)) == sorted(expected)
