@@ -40,26 +40,43 @@ are kept, least recently used dropped. A build takes seconds (docs/performance.m
 logged and listed in ``backend.builds``. A failed build is not retried for the same key:
 later calls raise a RuntimeError that repeats its message. These back-ends suit a camera
 stream (one size); a data set of many image sizes pays one build per size.
+
+Large and odd sizes: a size beyond the image limits of :mod:`orcnn_core.imageio`
+(:func:`~orcnn_core.imageio.size_problem`: pixels, longest side, aspect ratio) is refused
+with an :class:`~orcnn_core.errors.InputError` before anything is built. The check scene of
+a size larger than the model's ``max_size`` is rendered at that size and scaled up (the
+model scales every image to at most ``max_size`` anyway), so that a 4096 x 4096 frame does
+not render a 4096 x 4096 scene. While a graph is built, :attr:`_FixedSizeBackend.building`
+says for which size and since when (the ROS node reports it in /diagnostics). onnxruntime
+sessions run without the CPU memory arena and memory pattern (each keeps the largest
+buffers it ever needed for the life of the session), and after each build, failed or not,
+the C heap's free memory is handed back to the system (glibc's ``malloc_trim``).
 """
 
 import copy
+import ctypes
 import importlib.util
 import logging
+import os
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
 from orcnn_core.backend_names import BACKENDS, REFUSED, BackendError, check_backend_name
+from orcnn_core.errors import InputError
 from orcnn_core.export import TOLERANCES, FixedSizeORCNN, export_onnx_checked
+from orcnn_core.imageio import LIMIT_ENV, size_problem
 from orcnn_core.synth import check_scene
 
 # BACKENDS, REFUSED, BackendError and check_backend_name are re-exported: their home is
 # orcnn_core.backend_names.
-__all__ = ["BACKENDS", "REFUSED", "MAX_GRAPHS", "BackendError", "Build", "EagerBackend",
+__all__ = ["BACKENDS", "REFUSED", "MAX_GRAPHS", "BackendError", "Build", "BuildInProgress",
+           "EagerBackend",
            "TorchScriptBackend", "OnnxRuntimeBackend", "TensorRTBackend", "create_backend",
            "check_backend_name", "compare_detections"]
 
@@ -70,6 +87,27 @@ MAX_FAILED = 64
 DETECTION_KEYS = ("boxes", "labels", "scores", "amodal_mask_logits", "visible_mask_logits")
 
 log = logging.getLogger(__name__)
+
+
+def _glibc_malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is another (musl, macOS)."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        return ctypes.CDLL(None).malloc_trim
+    except (ValueError, OSError, AttributeError):  # no such confstr name, or no symbol
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free memory back to the system. glibc keeps freed blocks for
+    reuse, and a build for a large size frees hundreds of megabytes in blocks that would
+    otherwise stay in the process's resident size; no-op without glibc."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def create_backend(name: str, model, device: torch.device):
@@ -118,6 +156,7 @@ class EagerBackend:
     """The torch model's own forward."""
 
     name = "eager"
+    building = None  # builds nothing
 
     def __init__(self, model, device: torch.device):
         self.model = model
@@ -141,6 +180,16 @@ class Build:
     seconds: float
 
 
+@dataclass(frozen=True)
+class BuildInProgress:
+    """The graph a fixed-size back-end is building now: for which size, since when
+    (``time.monotonic()``)."""
+
+    height: int
+    width: int
+    started: float
+
+
 class _FixedSizeBackend:
     """Shared part of the back-ends that run a graph built for one image size: the graph
     cache, keyed by the size and the inference limits baked into the graph."""
@@ -156,6 +205,8 @@ class _FixedSizeBackend:
         # key -> message of a failed build, repeated without retrying. Messages only (an
         # exception's traceback would keep the build's tensors alive), at most MAX_FAILED.
         self._failed = OrderedDict()
+        #: BuildInProgress while a graph is built (read by other threads), else None.
+        self.building = None
 
     def describe(self) -> str:
         return self.name
@@ -178,24 +229,31 @@ class _FixedSizeBackend:
     def _build_and_keep(self, key: tuple):
         """Build the graph for ``key``, log it and cache it."""
         height, width = key[:2]
+        problem = size_problem(width, height)
+        if problem is not None:  # before any work: a build's cost grows with the size
+            what, limit = problem
+            raise InputError(f"{self.describe()} back-end: no graph for {width}x{height} "
+                             f"images, {what}" + (f" (the limit; {LIMIT_ENV[limit]} raises "
+                                                  f"it)" if limit else ""))
         if key in self._failed:  # a build costs seconds: not again for every frame
             raise RuntimeError(f"{self.describe()} back-end: no graph for {width}x{height} "
                                f"images, its build failed: {self._failed[key]}")
-        start = time.perf_counter()
-        # Built outside inference mode: tracing and export need ordinary tensors.
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            # Tracing warns that shapes become constants (intended: one graph per size) and
-            # that the TorchScript tools are deprecated; the check against the eager model
-            # is what proves each graph right.
-            warnings.simplefilter("ignore")
-            try:
-                graph = self._build(height, width)
-            except Exception as exc:
-                self._failed[key] = str(exc)
-                while len(self._failed) > MAX_FAILED:
-                    self._failed.popitem(last=False)
-                raise
-        seconds = time.perf_counter() - start
+        self.log(f"{self.describe()} back-end: building a graph for {width}x{height} images")
+        start = time.monotonic()
+        self.building = BuildInProgress(height, width, start)
+        try:
+            graph, failure = self._build_quietly(height, width)
+        finally:
+            self.building = None
+        if failure is not None:
+            # Out of the except clause, the failed build's frames and tensors are gone: only
+            # now is their memory free to hand back. The error keeps no traceback.
+            self._failed[key] = str(failure)
+            while len(self._failed) > MAX_FAILED:
+                self._failed.popitem(last=False)
+            release_free_memory()
+            raise failure.with_traceback(None)
+        seconds = time.monotonic() - start
         self.builds.append(Build(height, width, seconds))
         self.log(f"{self.describe()} back-end: graph for {width}x{height} images (score "
                  f"threshold {key[2]:g}, at most {key[4]} detections) built in "
@@ -203,7 +261,24 @@ class _FixedSizeBackend:
         self._graphs[key] = graph
         while len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)
+        release_free_memory()
         return graph
+
+    def _build_quietly(self, height: int, width: int) -> tuple:
+        """``(graph, None)``, or ``(None, the exception)`` when the build failed."""
+        # Built outside inference mode: tracing and export need ordinary tensors.
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # Tracing warns that shapes become constants (intended: one graph per size) and
+            # that the TorchScript tools are deprecated; the check against the eager model
+            # is what proves each graph right.
+            warnings.simplefilter("ignore")
+            try:
+                return self._build(height, width), None
+            except Exception as exc:
+                # Its traceback and chained exceptions hold the build's frames (tensors of
+                # the size being built); the message is what is kept.
+                exc.__context__ = exc.__cause__ = None
+                return None, exc.with_traceback(None)
 
     def _build(self, height: int, width: int):
         """The graph for ``height`` x ``width`` images, checked against the eager model on
@@ -211,8 +286,19 @@ class _FixedSizeBackend:
         check is a property of the graph, not of one camera frame)."""
         raise NotImplementedError
 
+    def _check_scene(self, height: int, width: int) -> np.ndarray:
+        """The check scene of a ``height`` x ``width`` graph, RGB uint8. Rendered at that
+        size up to the model's ``max_size``; beyond it, rendered with its longest side at
+        ``max_size`` and scaled up: rendering costs memory with the square of the size,
+        and the model scales the image down to ``max_size`` before it sees it."""
+        scale = self.model.config.max_size / max(height, width)
+        if scale >= 1.0:
+            return check_scene(height, width)
+        small = check_scene(max(1, round(height * scale)), max(1, round(width * scale)))
+        return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+
     def _check_image(self, height: int, width: int) -> torch.Tensor:
-        scene = check_scene(height, width)
+        scene = self._check_scene(height, width)
         return torch.from_numpy(scene).to(self.device).permute(2, 0, 1).float().div(255)
 
     def _run(self, graph, image: torch.Tensor) -> dict:
@@ -240,6 +326,20 @@ class TorchScriptBackend(_FixedSizeBackend):
 
     def _run(self, graph, image: torch.Tensor) -> dict:
         return dict(zip(DETECTION_KEYS, graph(image)))
+
+
+def session_options():
+    """The onnxruntime session options of the back-ends' graphs: this process's torch
+    thread count; no CPU memory arena and no memory pattern. Both keep, for the life of the
+    session, buffers sized for the largest run: a graph for one large frame size held
+    about 1.4 GB more that way (docs/security.md)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    return options
 
 
 class OnnxRuntimeBackend(_FixedSizeBackend):
@@ -276,11 +376,11 @@ class OnnxRuntimeBackend(_FixedSizeBackend):
         # per build so that it carries the model's current inference limits.
         source = self.model if self.device.type == "cpu" \
             else copy.deepcopy(self.model).to("cpu").eval()
-        scene = check_scene(height, width)
-        data, _report, session = export_onnx_checked(source, height, width, check_image=scene)
+        scene = self._check_scene(height, width)
+        options = session_options()
+        data, _report, session = export_onnx_checked(source, height, width, check_image=scene,
+                                                     session_options=options)
         if self.providers != ["CPUExecutionProvider"]:
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = max(1, torch.get_num_threads())
             session = onnxruntime.InferenceSession(data, options, providers=self.providers)
             # GPU providers set up on the first run (TensorRT builds its engines then): do
             # it here, so that it counts as part of the build.

@@ -162,9 +162,11 @@ def export_onnx(model, path, height: int, width: int, *, check_image,
 
 
 def export_onnx_checked(model, height: int, width: int, *, check_image,
-                        opset: int = DEFAULT_OPSET, tolerances=None):
+                        opset: int = DEFAULT_OPSET, tolerances=None, session_options=None):
     """:func:`export_onnx` without the file: ``(graph bytes, report, session)``, where
-    ``session`` is the CPU onnxruntime session the check ran (reusable for inference).
+    ``session`` is the CPU onnxruntime session the check ran (reusable for inference),
+    made with ``session_options`` (an ``onnxruntime.SessionOptions``; default: onnxruntime's
+    defaults with this process's torch thread count).
     Raises :class:`ExportCheckError` when the check fails."""
     import onnx
     import onnxruntime
@@ -197,8 +199,10 @@ def export_onnx_checked(model, height: int, width: int, *, check_image,
     with torch.no_grad():
         det = model.eval()([image])[0]  # the model's own forward, not the wrapper: checks both
     expected = [det[name] for name in OUTPUT_NAMES]
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options = session_options
+    if options is None:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = max(1, torch.get_num_threads())
     session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     actual = session.run(list(OUTPUT_NAMES), {"image": image.numpy()})
 

@@ -8,7 +8,14 @@ Image size limits: before a file is decoded, its header's width and height are c
 against :data:`MAX_PIXELS`, :data:`MAX_SIDE` and :data:`MAX_ASPECT_RATIO`, so that a small
 file cannot make the decoder allocate a huge image. The defaults pass a 4K camera
 (3840 x 2160) with room to spare; the environment variables named in :data:`LIMIT_ENV`
-raise them (e.g. ``ORCNN_MAX_IMAGE_PIXELS=200000000``).
+raise them (e.g. ``ORCNN_MAX_IMAGE_PIXELS=200000000``). The perception node applies the same
+limits to camera frames (:func:`size_problem`), and the fixed-size inference back-ends to
+the sizes they build graphs for.
+
+JPEG decode budget: a progressive JPEG is decoded once per scan, and nothing in the format
+bounds the number of scans: a few hundred kilobytes of repeated scans can keep a decoder
+busy for tens of seconds. :func:`jpeg_decode_problem` refuses, from the stream alone, more
+than :data:`MAX_JPEG_SCANS` scans or more than :data:`MAX_JPEG_SCAN_PIXELS` pixels x scans.
 """
 
 import contextlib
@@ -28,13 +35,15 @@ from orcnn_core.errors import InputError
 from orcnn_core.fileio import check_regular_file
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "MAX_SIDE", "MAX_ASPECT_RATIO", "LIMIT_ENV",
-           "image_limits", "image_size", "check_image_size", "find_images", "read_image",
+           "MAX_JPEG_SCANS", "MAX_JPEG_SCAN_PIXELS", "image_limits", "size_problem",
+           "jpeg_scans", "jpeg_decode_problem", "image_size", "check_image_size",
+           "find_images", "read_image",
            "check_decodable", "check_writable_dir", "check_output_file", "encode_png"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-#: Most pixels (width x height) an image file may have: 64 Mpx, the node's limit
-#: (orcnn_ros.conversions.MAX_PIXELS); 8x a 4K frame, 192 MB once decoded.
+#: Most pixels (width x height) an image file or camera frame may have: 64 Mpx, 8x a 4K
+#: frame, 192 MB once decoded.
 MAX_PIXELS = 64 * 1024 * 1024
 #: Longest side in pixels.
 MAX_SIDE = 16384
@@ -43,6 +52,15 @@ MAX_ASPECT_RATIO = 16.0
 #: The environment variable that raises (or lowers) each limit.
 LIMIT_ENV = {"pixels": "ORCNN_MAX_IMAGE_PIXELS", "side": "ORCNN_MAX_IMAGE_SIDE",
              "aspect_ratio": "ORCNN_MAX_IMAGE_ASPECT_RATIO"}
+#: Most scans a JPEG stream may have, whatever its size. A baseline JPEG has 1 (3 when its
+#: components are not interleaved), libjpeg's progressive mode 10, a full successive
+#: approximation script about 200; each scan is one more pass of the decoder.
+MAX_JPEG_SCANS = 256
+#: Most pixels x scans a JPEG stream may cost to decode: a 4K frame (8.3 Mpx) with 32 scans,
+#: a 64 Mpx frame with 4. Measured with libjpeg-turbo through OpenCV on one core: under a
+#: second at this budget, where 1,000 scans of a 1 Mpx frame took 2.9 s (docs/security.md).
+MAX_JPEG_SCAN_PIXELS = 256 * 1024 * 1024
+_JPEG_SOS = b"\xff\xda"
 
 
 def _is_image_name(path: Path) -> bool:
@@ -182,6 +200,43 @@ def image_limits() -> dict:
     return limits
 
 
+def size_problem(width: int, height: int, limits=None):
+    """None when a ``width`` x ``height`` image is within ``limits`` (default:
+    :func:`image_limits`), else ``(what is wrong, LIMIT_ENV key of the limit)``, e.g.
+    ``("an aspect ratio above 16", "aspect_ratio")``."""
+    limits = image_limits() if limits is None else limits
+    long_side, short_side = max(width, height), min(width, height)
+    if short_side < 1:
+        return "an empty image", None
+    if long_side > limits["side"]:
+        return f"a side longer than {limits['side']} px", "side"
+    if width * height > limits["pixels"]:
+        return f"more than {limits['pixels']} pixels", "pixels"
+    if long_side / short_side > limits["aspect_ratio"]:
+        return f"an aspect ratio above {limits['aspect_ratio']:g}", "aspect_ratio"
+    return None
+
+
+def jpeg_scans(data) -> int:
+    """How many scans (start-of-scan markers) a JPEG stream holds. Entropy-coded data never
+    contains the marker (a 0xFF byte there is followed by 0x00 or a restart marker); an
+    embedded thumbnail's scans count too, which errs on the safe side."""
+    return bytes(data).count(_JPEG_SOS)
+
+
+def jpeg_decode_problem(data, width: int, height: int):
+    """None when decoding the JPEG stream ``data`` of ``width`` x ``height`` (from its
+    header) fits the decode budget, else what exceeds it: more than :data:`MAX_JPEG_SCANS`
+    scans, or more than :data:`MAX_JPEG_SCAN_PIXELS` pixels x scans."""
+    scans = jpeg_scans(data)
+    if scans > MAX_JPEG_SCANS:
+        return f"{scans} scans (at most {MAX_JPEG_SCANS} are decoded)"
+    if scans * width * height > MAX_JPEG_SCAN_PIXELS:
+        return (f"{scans} scans of {width} x {height} pixels, more than the decode budget of "
+                f"{MAX_JPEG_SCAN_PIXELS} pixels x scans")
+    return None
+
+
 def image_size(path) -> tuple:
     """(width, height) of an image file from its header alone (nothing is decoded);
     a file whose header no reader recognises raises :class:`InputError`."""
@@ -209,31 +264,30 @@ def check_image_size(path) -> tuple:
     :func:`image_limits`: one :class:`InputError` naming the limit and how to raise it."""
     check_regular_file(path, "")
     width, height = image_size(path)
-    limits = image_limits()
-    long_side, short_side = max(width, height), min(width, height)
-    if short_side < 1:
-        raise InputError(f"{path}: image is {width} x {height}, an empty image")
-    if long_side > limits["side"]:
-        problem = f"a side longer than {limits['side']} px", "side"
-    elif width * height > limits["pixels"]:
-        problem = f"more than {limits['pixels']} pixels", "pixels"
-    elif long_side / short_side > limits["aspect_ratio"]:
-        problem = f"an aspect ratio above {limits['aspect_ratio']:g}", "aspect_ratio"
-    else:
+    problem = size_problem(width, height)
+    if problem is None:
         return width, height
-    raise InputError(f"{path}: image is {width} x {height}, {problem[0]} (the limit; set "
-                     f"{LIMIT_ENV[problem[1]]} to raise it)")
+    what, key = problem
+    if key is None:
+        raise InputError(f"{path}: image is {width} x {height}, {what}")
+    raise InputError(f"{path}: image is {width} x {height}, {what} (the limit; set "
+                     f"{LIMIT_ENV[key]} to raise it)")
 
 
 def read_image(path) -> np.ndarray:
-    """BGR uint8 H x W x 3 image of ``path``; a file that cannot be read or decoded, or is
-    larger than the size limits (:func:`check_image_size`, checked before decoding), raises
-    :class:`InputError` naming it."""
-    check_image_size(path)
+    """BGR uint8 H x W x 3 image of ``path``; a file that cannot be read or decoded, is
+    larger than the size limits (:func:`check_image_size`, checked before decoding) or is a
+    JPEG beyond the decode budget (:func:`jpeg_decode_problem`) raises :class:`InputError`
+    naming it."""
+    width, height = check_image_size(path)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read image ({exc.strerror})") from None
+    if data[:3] == b"\xff\xd8\xff":
+        problem = jpeg_decode_problem(data, width, height)
+        if problem:
+            raise InputError(f"{path}: JPEG with {problem}")
     with _quiet_decoders():
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:

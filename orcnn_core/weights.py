@@ -34,7 +34,8 @@ from orcnn_core.fileio import atomic_write_bytes
 from orcnn_core.model import build_model
 
 __all__ = ["save_weights", "load_weights", "build_from_file", "init_from_maskrcnn_state_dict",
-           "InitReport", "FORMAT", "unpickler_reason"]
+           "InitReport", "FORMAT", "unpickler_reason", "PLAUSIBLE_MAX",
+           "MAX_ALLOCATION_BYTES", "largest_allocation"]
 
 FORMAT = "orcnn"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -51,6 +52,14 @@ PLAUSIBLE_MAX = {
     "rpn_batch_size_per_image": 100_000, "box_batch_size_per_image": 100_000,
     "box_detections_per_img": 10_000,
 }
+#: Largest single tensor one image may need at inference, estimated from the config by
+#: :func:`largest_allocation` (2 GiB; a model for 4K frames, min_size 2160, max_size 3840
+#: with 256 FPN channels, needs about 0.5 GiB). Values each within :data:`PLAUSIBLE_MAX`
+#: can still combine beyond it: min_size 8192 with 100000 proposals would ask for 5 GB
+#: for one image's proposal features.
+MAX_ALLOCATION_BYTES = 2 * 1024 ** 3
+#: Bytes of a float32 value; the side of the box head's RoI features (torchvision's pooler).
+_FLOAT_BYTES, _BOX_ROI_SIDE = 4, 7
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -223,6 +232,41 @@ def _check_plausible(cfg: ModelConfig, path) -> None:
         if not all(math.isfinite(v) and low <= v <= high for v in values):
             raise InputError(f"{path}: orcnn_config: {name} {list(values)} is implausible "
                              f"(each in [{low:g}, {high:g}])")
+    _check_allocation(cfg, path)
+
+
+def largest_allocation(cfg: ModelConfig) -> tuple:
+    """``(bytes, what, the config values it comes from)``: the estimated largest tensor of
+    one image's inference, the biggest of
+
+    * the finest feature map: min_size x max_size / 16 pixels (stride 4) x fpn_channels;
+    * the proposals' box features: rpn_post_nms_top_n_test x fpn_channels x 7 x 7;
+    * the detections' mask features, both heads: 2 x box_detections_per_img x
+      mask_head_channels x (2 mask_roi_size)^2;
+
+    each float32. An estimate to refuse absurd configs with, not a memory budget."""
+    terms = [
+        (cfg.min_size * cfg.max_size // 16 * cfg.fpn_channels, "the finest feature map",
+         ("min_size", "max_size", "fpn_channels")),
+        (cfg.rpn_post_nms_top_n_test * cfg.fpn_channels * _BOX_ROI_SIDE ** 2,
+         "the proposals' box features", ("rpn_post_nms_top_n_test", "fpn_channels")),
+        (2 * cfg.box_detections_per_img * cfg.mask_head_channels
+         * (2 * cfg.mask_roi_size) ** 2, "the detections' mask features",
+         ("box_detections_per_img", "mask_head_channels", "mask_roi_size")),
+    ]
+    values, what, names = max(terms, key=lambda term: term[0])
+    return values * _FLOAT_BYTES, what, names
+
+
+def _check_allocation(cfg: ModelConfig, path) -> None:
+    """Refuse a config whose values, each plausible, combine into a huge allocation
+    (:data:`MAX_ALLOCATION_BYTES`, :func:`largest_allocation`)."""
+    size, what, names = largest_allocation(cfg)
+    if size > MAX_ALLOCATION_BYTES:
+        values = ", ".join(f"{name} {getattr(cfg, name)}" for name in names)
+        raise InputError(f"{path}: orcnn_config: {values} would need about "
+                         f"{size / 1024 ** 3:.1f} GiB for {what} of one image (at most "
+                         f"{MAX_ALLOCATION_BYTES / 1024 ** 3:g} GiB)")
 
 
 def _check_values(state: dict, path) -> None:

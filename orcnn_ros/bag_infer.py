@@ -8,7 +8,10 @@ CompressedImage; the output bag holds, at each input message's time stamp, one
 ``orcnn_ros/msg/AmodalInstanceArray`` (the perception node's message, built by the same
 code) and, unless ``--no-overlay``, the overlay as sensor_msgs/Image. The output types are
 registered in the bag from this package's ``.msg`` files, so any rosbag2 reader can decode
-them.
+them. A frame that cannot be converted (malformed, or beyond the image size limits of
+:mod:`orcnn_core.imageio`) or whose inference fails is skipped with a line and counted; the
+output bag is finalised even when the run stops early (an error, Ctrl-C: exit status 130),
+holding the results of the frames before.
 """
 
 import importlib.util
@@ -23,6 +26,7 @@ if __name__ == "__main__" and not sys.flags.safe_path \
 
 import argparse  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from rclpy.serialization import serialize_message  # noqa: E402
@@ -70,6 +74,19 @@ def make_typestore():
     return store
 
 
+@dataclass
+class _Output:
+    """Where and how the results of one run go."""
+
+    writer: Writer
+    store: object
+    results: object  # the AmodalInstanceArray connection
+    overlays: object  # the overlay connection, or None
+    settings: dict  # score_threshold, max_instances, min_*, color_order, model_name
+    summary: dict
+    log: object
+
+
 def infer_bag(bag, topic, out, predictor, *, score_threshold=0.5, max_instances=50,
               min_overlap_pixels=MIN_OVERLAP_PIXELS, min_overlap_ratio=MIN_OVERLAP_RATIO,
               min_edge_confidence=MIN_CONFIDENCE, color_order="auto",
@@ -78,56 +95,85 @@ def infer_bag(bag, topic, out, predictor, *, score_threshold=0.5, max_instances=
               log=print) -> dict:
     """Process ``topic`` of ``bag`` into a new bag ``out``; returns a summary dict.
 
+    A frame that cannot be converted (``malformed``: e.g. beyond the image size limits) or
+    whose inference fails (``failed``) is skipped with a line to ``log`` and counted. The
+    output bag is finalised (index and metadata written, readable by any rosbag2 reader)
+    whatever ends the run: the frames before an error or a Ctrl-C keep their results.
     Raises ValueError for a missing topic or one that holds no images.
     """
     store = make_typestore()
-    summary = dict(frames=0, malformed=0, instances=0, inference_ms=0.0, output=str(out))
+    summary = dict(frames=0, malformed=0, failed=0, instances=0, inference_ms=0.0,
+                   output=str(out))
+    settings = dict(score_threshold=score_threshold, max_instances=max_instances,
+                    min_overlap_pixels=min_overlap_pixels, min_overlap_ratio=min_overlap_ratio,
+                    min_edge_confidence=min_edge_confidence, color_order=color_order,
+                    model_name=model_name)
     with Reader(bag) as reader:
         connections = _image_connections(reader, bag, topic)
-        with Writer(out, version=Writer.VERSION_LATEST) as writer:
-            out_conn = writer.add_connection(output_topic, OUTPUT_TYPE, typestore=store)
-            overlay_conn = None
+        writer = Writer(out, version=Writer.VERSION_LATEST)
+        writer.open()
+        try:
+            output = _Output(writer, store, writer.add_connection(
+                output_topic, OUTPUT_TYPE, typestore=store), None, settings, summary, log)
             if overlay_topic:
-                overlay_conn = writer.add_connection(overlay_topic, "sensor_msgs/msg/Image",
-                                                     typestore=store)
+                output.overlays = writer.add_connection(overlay_topic, "sensor_msgs/msg/Image",
+                                                        typestore=store)
             for connection, timestamp, raw in reader.messages(connections=connections):
                 if limit and summary["frames"] >= limit:
                     break
-                start = time.perf_counter()
-                msg = store.deserialize_cdr(raw, connection.msgtype)
-                try:
-                    image, order = conversions.message_to_array(msg, color_order)
-                except ValueError as exc:
-                    summary["malformed"] += 1
-                    log(f"skipping malformed frame at {timestamp} ns: {exc}")
-                    continue
-                if not image.flags.writeable:  # a view of the bag's bytes; torch wants a copy
-                    image = image.copy()
-                t0 = time.perf_counter()
-                prediction = predictor(image, color_order=order)
-                inference_ms = (time.perf_counter() - t0) * 1000.0
-                prediction = conversions.select_instances(prediction, score_threshold,
-                                                          max_instances)
-                graph = occlusion_graph(prediction, min_overlap_pixels, min_overlap_ratio,
-                                        min_edge_confidence)
-                header = conversions.copy_header(msg.header)
-                result = conversions.instance_array_msg(
-                    prediction, graph, header, model_name, inference_ms,
-                    (time.perf_counter() - start) * 1000.0)
-                writer.write(out_conn, timestamp, serialize_message(result))
-                if overlay_conn is not None:
-                    overlay = draw_prediction(image, prediction, graph, color_order=order)
-                    writer.write(overlay_conn, timestamp, serialize_message(
-                        conversions.array_to_image_msg(overlay, order + "8", header)))
-                summary["frames"] += 1
-                summary["instances"] += len(prediction)
-                summary["inference_ms"] += inference_ms
-                log(f"frame {summary['frames']}: {len(prediction)} instances, "
-                    f"{len(graph.edges)} edges, pick order {graph.pick_order.tolist()[:8]}, "
-                    f"{inference_ms:.0f} ms")
+                _infer_frame(predictor, store.deserialize_cdr(raw, connection.msgtype),
+                             timestamp, output)
+        except BaseException as exc:
+            log(f"stopped after {summary['frames']} frames ({type(exc).__name__}: {exc}); "
+                f"{out} holds their results")
+            raise
+        finally:
+            writer.close()  # not abort(): what was written stays readable
     if summary["frames"]:
         summary["inference_ms"] /= summary["frames"]
     return summary
+
+
+def _infer_frame(predictor, msg, timestamp: int, output: _Output) -> None:
+    """Run one bag message through the model and write its results; a bad frame is
+    logged and counted instead."""
+    start = time.perf_counter()
+    settings, summary = output.settings, output.summary
+    try:
+        image, order = conversions.message_to_array(msg, settings["color_order"])
+    except ValueError as exc:
+        summary["malformed"] += 1
+        output.log(f"skipping malformed frame at {timestamp} ns: {exc}")
+        return
+    if not image.flags.writeable:  # a view of the bag's bytes; torch wants a copy
+        image = image.copy()
+    t0 = time.perf_counter()
+    try:
+        prediction = predictor(image, color_order=order)
+    except Exception as exc:  # e.g. a fixed-size back-end's failed graph build
+        summary["failed"] += 1
+        output.log(f"skipping frame at {timestamp} ns, inference failed: "
+                   f"{type(exc).__name__}: {exc}")
+        return
+    inference_ms = (time.perf_counter() - t0) * 1000.0
+    prediction = conversions.select_instances(prediction, settings["score_threshold"],
+                                              settings["max_instances"])
+    graph = occlusion_graph(prediction, settings["min_overlap_pixels"],
+                            settings["min_overlap_ratio"], settings["min_edge_confidence"])
+    header = conversions.copy_header(msg.header)
+    result = conversions.instance_array_msg(prediction, graph, header, settings["model_name"],
+                                            inference_ms, (time.perf_counter() - start) * 1000.0)
+    output.writer.write(output.results, timestamp, serialize_message(result))
+    if output.overlays is not None:
+        overlay = draw_prediction(image, prediction, graph, color_order=order)
+        output.writer.write(output.overlays, timestamp, serialize_message(
+            conversions.array_to_image_msg(overlay, order + "8", header)))
+    summary["frames"] += 1
+    summary["instances"] += len(prediction)
+    summary["inference_ms"] += inference_ms
+    output.log(f"frame {summary['frames']}: {len(prediction)} instances, "
+               f"{len(graph.edges)} edges, pick order {graph.pick_order.tolist()[:8]}, "
+               f"{inference_ms:.0f} ms")
 
 
 def _image_connections(reader, bag, topic: str) -> list:
@@ -200,13 +246,17 @@ def main(argv=None) -> int:
     except (InputError, ValueError, FileNotFoundError) as exc:
         print(f"bag_infer: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"bag_infer: interrupted; {args.out} holds the frames processed so far",
+              file=sys.stderr)
+        return 130
     except Exception as exc:  # rosbags' reader/writer errors name the bag
         if type(exc).__module__.startswith("rosbags"):
             print(f"bag_infer: {exc}", file=sys.stderr)
             return 2
         raise
-    print(f"bag_infer: {summary['frames']} frames ({summary['malformed']} malformed "
-          f"skipped), {summary['instances']} instances, mean inference "
+    print(f"bag_infer: {summary['frames']} frames ({summary['malformed']} malformed and "
+          f"{summary['failed']} failed skipped), {summary['instances']} instances, mean inference "
           f"{summary['inference_ms']:.0f} ms -> {summary['output']}")
     return 0
 

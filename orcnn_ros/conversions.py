@@ -2,10 +2,12 @@
 
 * image messages -> numpy: :func:`image_to_array`, :func:`compressed_to_array`,
   :func:`message_to_array`. A frame is checked (encoding, size, step, data length; for
-  compressed frames the PNG or JPEG header's size) before a library touches it, so a
-  malformed frame is one :class:`ValueError` that names the field, and header values never
-  make a decoder allocate more than :data:`MAX_PIXELS` pixels. :func:`check_message` makes
-  those checks alone, without decoding.
+  compressed frames the PNG or JPEG header's size, and a JPEG's decode budget) before a
+  library touches it, so a malformed frame is one :class:`ValueError` that names the field,
+  and header values never make a decoder allocate more than :data:`MAX_PIXELS` pixels.
+  The size limits (pixels, longest side, aspect ratio) and the decode budget are
+  :mod:`orcnn_core.imageio`'s. :func:`check_message` makes those checks alone, without
+  decoding.
   The conversion itself is the ROS distribution's ``cv_bridge`` when it is importable, else
   ``rosbags-image`` (pure Python; the PyPI package called ``cv-bridge`` is not ROS's and
   does not work).
@@ -30,6 +32,8 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
+from orcnn_core.imageio import MAX_PIXELS  # noqa: F401  (re-exported, see below)
+from orcnn_core.imageio import LIMIT_ENV, jpeg_decode_problem, size_problem
 from orcnn_ros.msg import AmodalInstance, AmodalInstanceArray, OcclusionEdge
 
 __all__ = [
@@ -48,8 +52,8 @@ ENCODINGS = {
 #: frames); "rgb" / "bgr" declare the channel order of colour frames whatever their
 #: encoding says (cameras that label BGR data rgb8 exist).
 COLOR_ORDERS = ("auto", "rgb", "bgr")
-#: Largest frame accepted (pixels); protects the node from absurd header values.
-MAX_PIXELS = 64 * 1024 * 1024
+# MAX_PIXELS (the largest frame accepted, in pixels) is re-exported from orcnn_core.imageio,
+# the owner of the image size limits.
 
 
 def _ros_cv_bridge():
@@ -89,9 +93,9 @@ def check_image(msg) -> int:
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height == 0 or width == 0:
         raise ValueError(f"height/width: empty image ({width} x {height})")
-    if height * width > MAX_PIXELS:
-        raise ValueError(f"height/width: {width} x {height} is larger than {MAX_PIXELS} "
-                         f"pixels")
+    problem = size_problem(width, height)
+    if problem is not None:
+        raise ValueError(f"height/width: {width} x {height} has {_limit_text(problem)}")
     channels, depth = ENCODINGS[encoding]
     row = width * channels * depth
     if step < row:
@@ -106,6 +110,13 @@ def check_image(msg) -> int:
         raise ValueError(f"data: {size} bytes, expected step x height = {step} x {height} = "
                          f"{step * height} ({what})")
     return row
+
+
+def _limit_text(problem) -> str:
+    """An :func:`orcnn_core.imageio.size_problem` result as text, with the variable that
+    raises the limit."""
+    what, key = problem
+    return what if key is None else f"{what} (the limit; {LIMIT_ENV[key]} raises it)"
 
 
 def _unpadded(msg, row: int):
@@ -199,8 +210,11 @@ def check_compressed(msg):
 
     Raises ValueError (field ``data``) when the data is empty, is neither PNG nor JPEG (the
     formats of ROS's compressed image transport), has no readable header, or the header
-    says zero pixels or more than :data:`MAX_PIXELS`: a few hundred bytes of JPEG whose
-    header claims 30000 x 30000 would otherwise decode into gigabytes.
+    says a size beyond the limits (:func:`orcnn_core.imageio.size_problem`): a few hundred
+    bytes of JPEG whose header claims 30000 x 30000 would otherwise decode into gigabytes;
+    and for a JPEG, when its scans exceed the decode budget
+    (:func:`orcnn_core.imageio.jpeg_decode_problem`): a progressive JPEG of thousands of
+    scans would otherwise keep the decoder busy for seconds.
     """
     data = memoryview(msg.data).cast("B")
     if len(data) == 0:
@@ -216,9 +230,14 @@ def check_compressed(msg):
         raise ValueError(f"data: {kind} stream without a readable image header "
                          f"({len(data)} bytes, format {msg.format!r})")
     width, height = size
-    if width == 0 or height == 0 or width * height > MAX_PIXELS:
-        raise ValueError(f"data: the {kind} header says {width} x {height} pixels (accepted: "
-                         f"1 to {MAX_PIXELS} pixels)")
+    problem = size_problem(width, height)
+    if problem is not None:
+        raise ValueError(f"data: the {kind} header says {width} x {height} pixels, "
+                         f"{_limit_text(problem)}")
+    if kind == "jpeg":
+        problem = jpeg_decode_problem(data, width, height)
+        if problem:
+            raise ValueError(f"data: jpeg stream with {problem}")
     return kind, width, height
 
 
@@ -307,13 +326,18 @@ def instance_array_msg(prediction, graph, header, model_name: str = "",
                               model_name=model_name, inference_ms=float(inference_ms),
                               latency_ms=float(latency_ms), has_cycle=bool(graph.has_cycle))
     # Plain Python numbers once per array: indexing numpy arrays per field costs more.
-    columns = zip(prediction.rois.tolist(), prediction.crops, prediction.labels.tolist(),
+    columns = zip(prediction.rois.tolist(), prediction.labels.tolist(),
                   prediction.class_names, prediction.scores.tolist(),
                   prediction.amodal_areas.tolist(), prediction.visible_areas.tolist(),
                   prediction.occlusion_ratios.tolist(), prediction.truncated.tolist(),
                   graph.layers.tolist(), graph.free_probability.tolist())
+    # Every mask from one buffer of all crops: one numpy call per frame instead of a
+    # conversion per crop; each mask then copies its slice (array.frombytes, one memcpy).
+    crops = [np.asarray(c, np.uint8).reshape(-1) for c in prediction.crops]
+    masks = memoryview(np.concatenate(crops or [np.zeros(0, np.uint8)]))
+    ends = np.cumsum([c.size for c in crops]).tolist()
     instances = []
-    for i, ((x, y, w, h), crop, label, name, score, amodal, visible, ratio, truncated,
+    for i, ((x, y, w, h), label, name, score, amodal, visible, ratio, truncated,
             layer, free) in enumerate(columns):
         instance = AmodalInstance(
             id=i, class_id=label, class_name=name, score=score, roi_x=x, roi_y=y,
@@ -326,7 +350,9 @@ def instance_array_msg(prediction, graph, header, model_name: str = "",
         mask.header = header
         mask.height, mask.width, mask.step = h, w, w
         mask.encoding = "mono8"
-        mask.data = array("B", np.ascontiguousarray(crop, np.uint8).tobytes())
+        data = array("B")
+        data.frombytes(masks[ends[i - 1] if i else 0:ends[i]])
+        mask.data = data
         instances.append(instance)
     out.instances = instances
     out.edges = [OcclusionEdge(occluder=a, occludee=b, overlap_pixels=p, overlap_ratio=r,

@@ -24,11 +24,22 @@ glitching camera never displaces a good frame waiting in the slot. Every receive
 counted once: processed, dropped (replaced in the slot, or still in the node at
 deactivate), malformed or failed.
 
+New frame sizes: the fixed-size back-ends (torchscript, onnxruntime, tensorrt) build a graph
+for each new frame size, seconds for a large one, on the worker thread; the subscription
+keeps taking frames meanwhile (the newest waits in the slot, the others count as dropped).
+A build is logged when it starts and ends, and while it runs /diagnostics says so (WARN,
+"building the graph for WxH images", with the frames skipped meanwhile). Sizes beyond the
+image limits of :mod:`orcnn_core.imageio` (pixels, longest side, aspect ratio) and
+compressed frames beyond its JPEG decode budget are malformed frames: refused in the
+callback, before any decoding or build.
+
 Stopping: SIGINT or SIGTERM destroys the node and ends the program with exit status 0 (a
 stop on request is a clean exit, as launch and systemd expect) within a fraction of a second
-plus the inference running at that moment; the program skips the interpreter's teardown of
-torch (:func:`exit_process`). During start-up, before the node spins, the process ends at
-once, with status 0 too (once the native library loading at that moment is in).
+plus the inference running at that moment, at most :data:`WORKER_JOIN_TIMEOUT` more: a graph
+build still running then is abandoned (the worker is a daemon thread, and the program skips
+the interpreter's teardown of torch, :func:`exit_process`). During start-up, before the
+node spins, the process ends at once, with status 0 too (once the native library loading at
+that moment is in).
 """
 
 import importlib.util
@@ -59,7 +70,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange,  # noqa: E402
                                 ParameterDescriptor, SetParametersResult)
 from rclpy.event_handler import (PublisherEventCallbacks,  # noqa: E402
@@ -174,6 +185,10 @@ def _descriptor(name: str) -> ParameterDescriptor:
 #: A frame that has waited longer than this fraction of the camera interval is stale: the
 #: worker waits for the next one (see fresh_frame_wait).
 STALE_FRACTION = 0.1
+#: Seconds a stop (shutdown, cleanup, destroy) waits for the worker's frame in inference;
+#: a graph build for a new large frame size can take longer and is left to end in the
+#: background (the worker is a daemon thread and publishes nothing after the stop).
+WORKER_JOIN_TIMEOUT = 1.0
 
 
 def fresh_frame_wait(age: float, interval: float, max_wait: float) -> float:
@@ -238,7 +253,9 @@ class PerceptionNode(LifecycleNode):
         self._epoch = 0  # +1 at each deactivate; the worker's frame must be of the current
         self._frame_epoch = 0
         self._worker = None
-        self._stop_worker = False
+        self._stop_worker = threading.Event()  # the current worker's; a new one per worker
+        self._build_seen = None  # the back-end's last BuildInProgress the callback saw
+        self._build_skipped = 0  # frames dropped in the slot during that build
         self._predictor = None
         self._model_name = ""
         self._device = "none"
@@ -343,8 +360,9 @@ class PerceptionNode(LifecycleNode):
                 incompatible_qos=self._on_incompatible_subscriber))
         self._debug_pub = self.create_lifecycle_publisher(
             Image, "~/debug_image", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
-        self._stop_worker = False
-        self._worker = threading.Thread(target=self._work, name="orcnn_inference", daemon=True)
+        self._stop_worker = threading.Event()
+        self._worker = threading.Thread(target=self._work, args=(self._stop_worker,),
+                                        name="orcnn_inference", daemon=True)
         self._worker.start()
         self.get_logger().info(f"model {path} loaded on {self._device}, back-end "
                                f"{predictor.backend.describe()}")
@@ -404,9 +422,16 @@ class PerceptionNode(LifecycleNode):
         worker = self._worker
         if worker is not None:
             with self._cond:
-                self._stop_worker = True
+                self._stop_worker.set()
                 self._cond.notify_all()
-            worker.join(timeout=60.0)
+            worker.join(timeout=WORKER_JOIN_TIMEOUT)
+            # After SIGTERM the context is shut down and /rosout gone: the process ends anyway.
+            if worker.is_alive() and self.context.ok():
+                build = self._graph_build()
+                what = f"building the graph for {build.width}x{build.height} images" \
+                    if build is not None else "a frame in inference"
+                self.get_logger().warning(f"stopping without waiting for the inference "
+                                          f"worker ({what}); it ends in the background")
             self._worker = None
         for pub in (self._out_pub, self._debug_pub):
             if pub is not None:
@@ -441,6 +466,7 @@ class PerceptionNode(LifecycleNode):
             self.stats.count("received")
             if self._pending is not None:
                 self.stats.count("dropped")
+                self._count_build_skip()
             self._pending = (msg, received)
             self._arrivals.append(received)
             self._cond.notify()
@@ -475,13 +501,15 @@ class PerceptionNode(LifecycleNode):
             f"(e.g. volatile durability)", throttle_duration_sec=5.0)
 
     # ------------------------------------------------------------------ worker
-    def _work(self) -> None:
+    def _work(self, stop: threading.Event) -> None:
+        """The worker thread's loop, until ``stop`` (its own event: a worker left behind
+        by a stop ends after its frame even when the node is configured again)."""
         free_since = -math.inf  # when the worker finished its last frame
         while True:
             with self._cond:
-                while self._pending is None and not self._stop_worker:
+                while self._pending is None and not stop.is_set():
                     self._cond.wait()
-                if self._stop_worker:
+                if stop.is_set():
                     return
                 frame = self._pending
                 # Only a frame that arrived during an inference has waited for the worker.
@@ -491,8 +519,8 @@ class PerceptionNode(LifecycleNode):
                 if wait > 0.0:
                     # Stale: the next frame is due. One wait at most, then the newest goes.
                     self._cond.wait_for(lambda: self._pending is not frame
-                                        or self._stop_worker, wait)
-                    if self._stop_worker:
+                                        or stop.is_set(), wait)
+                    if stop.is_set():
                         return
                     if self._pending is None:  # deactivated meanwhile
                         continue
@@ -506,6 +534,22 @@ class PerceptionNode(LifecycleNode):
                 self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}",
                                         throttle_duration_sec=5.0)
             free_since = time.monotonic()
+
+    def _graph_build(self):
+        """The back-end's graph build under way (orcnn_core.backends.BuildInProgress), or
+        None."""
+        predictor = self._predictor
+        return None if predictor is None else predictor.backend.building
+
+    def _count_build_skip(self) -> None:
+        """A frame was dropped from the slot: count it against the graph build under way,
+        if any (call with ``_cond`` held)."""
+        build = self._graph_build()
+        if build is None:
+            return
+        if build is not self._build_seen:
+            self._build_seen, self._build_skipped = build, 0
+        self._build_skipped += 1
 
     def _camera_interval(self) -> float:
         """Median gap between the last frames' arrivals in seconds; 0 before three frames
@@ -571,7 +615,30 @@ class PerceptionNode(LifecycleNode):
             self.get_clock().now().to_msg(), self.stats.snapshot(), self.lifecycle_state(),
             self._model_name, self._device, self._problem,
             backend=self.get_parameter("backend").value)
+        build = self._graph_build()
+        if build is not None:
+            self._report_build(msg.status[0], build)
+        else:
+            with self._cond:
+                skipped = self._build_skipped
+            msg.status[0].values.append(KeyValue(key="frames_skipped_during_build",
+                                                 value=str(skipped)))
         self._diag_pub.publish(msg)
+
+    def _report_build(self, status, build) -> None:
+        """Say in ``status`` that a graph build holds up the frames: WARN, for which size,
+        for how long so far and how many frames were skipped meanwhile (after the build,
+        ``frames_skipped_during_build`` keeps the count of the last one)."""
+        with self._cond:
+            skipped = self._build_skipped if build is self._build_seen else 0
+        seconds = time.monotonic() - build.started
+        if status.level < DiagnosticStatus.WARN:
+            status.level = DiagnosticStatus.WARN
+            status.message = (f"building the graph for {build.width}x{build.height} images "
+                              f"({seconds:.1f} s so far, {skipped} frames skipped)")
+        status.values += [KeyValue(key="graph_build", value=f"{build.width}x{build.height}"),
+                          KeyValue(key="graph_build_s", value=f"{seconds:.2f}"),
+                          KeyValue(key="frames_skipped_during_build", value=str(skipped))]
 
 
 def exit_process(code: int) -> None:

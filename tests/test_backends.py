@@ -124,6 +124,73 @@ def test_cli_backend_option(tmp_path, tiny_model_path, capsys):
     assert (tmp_path / "out" / "predictions.json").is_file()
 
 
+# ----------------------------------------------------------------------- sizes and failures
+def test_sizes_beyond_the_image_limits_are_refused_before_any_build(tiny_model_path,
+                                                                    monkeypatch):
+    """The image limits of orcnn_core.imageio apply to graph builds: a size beyond them is
+    refused in milliseconds, nothing built, and the next frame of a good size works."""
+    import time
+
+    from orcnn_core.imageio import LIMIT_ENV
+
+    predictor = Predictor.from_file(tiny_model_path, device="cpu", score_thresh=0.0,
+                                    backend="onnxruntime")
+    backend = predictor.backend
+    for shape, message in (((10, 10000), "an aspect ratio above 16"),
+                           ((1, 17), "an aspect ratio above 16"),
+                           ((120, 240), "a side longer than 200 px")):
+        if "200 px" in message:  # the limits' environment variables apply too
+            monkeypatch.setenv(LIMIT_ENV["side"], "200")
+        start = time.perf_counter()
+        with pytest.raises(InputError, match=rf"^onnxruntime \(CPUExecutionProvider\) back-end: "
+                                             rf"no graph for {shape[1]}x{shape[0]} images, "
+                                             rf"{message}"):
+            backend(torch.zeros(3, *shape))
+        assert time.perf_counter() - start < 0.5
+    assert backend.builds == [] and backend.building is None and not backend._failed
+    monkeypatch.delenv(LIMIT_ENV["side"])
+    predictor(SCENES[0])
+    assert [(b.height, b.width) for b in backend.builds] == [(HEIGHT, WIDTH)]
+    # The graph's session keeps no memory arena or pattern (buffers of its largest run).
+    options = next(iter(backend._graphs.values())).get_session_options()
+    assert options.enable_cpu_mem_arena is False and options.enable_mem_pattern is False
+
+
+def test_a_failed_build_fails_fast_and_keeps_only_its_message(tiny_model_path):
+    """A model whose mask logits are NaN fails the check of every graph against eager
+    torch: the first frame of the size pays the build, later ones fail at once with the
+    same message, and nothing of the build (tensors of the frame size) stays alive."""
+    import gc
+    import time
+
+    from tiny_models import NODE_MODEL, tiny_model
+
+    model = tiny_model(**NODE_MODEL)
+    with torch.no_grad():
+        model.roi_heads.amodal_mask_predictor.mask_fcn_logits.bias.fill_(float("nan"))
+    predictor = Predictor(model, device="cpu", score_thresh=0.0, backend="onnxruntime")
+    height, width = 104, 136  # a size no other tensor here has
+    image = np.ascontiguousarray(SCENES[2][:height, :width])
+    with pytest.raises(RuntimeError,
+                       match="amodal_mask_logits: max abs difference nan") as first:
+        predictor(image)
+    assert first.value.__cause__ is None and first.value.__context__ is None
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=rf"no graph for {width}x{height} images, its build "
+                                           rf"failed: .*amodal_mask_logits: max abs diff"):
+        predictor(image)
+    assert time.perf_counter() - start < 0.5
+    backend = predictor.backend
+    assert list(backend._failed) == [backend._key(height, width)]
+    assert all(type(message) is str for message in backend._failed.values())
+    assert backend.builds == [] and backend.building is None
+    del first
+    gc.collect()
+    alive = [o for o in gc.get_objects()
+             if torch.is_tensor(o) and tuple(o.shape[-2:]) == (height, width)]
+    assert alive == []
+
+
 # ----------------------------------------------------------------------------- ROS node
 def test_node_runs_the_onnxruntime_backend(tiny_model_path, ros_domain_id):
     pytest.importorskip("rclpy", reason="rclpy not importable: run make setup")

@@ -340,3 +340,40 @@ def test_float16_storage_is_accepted(saved, tmp_path):
     assert all(state[k].dtype == torch.float16 for k in reference)
     assert all(torch.allclose(state[k].float(), reference[k], rtol=1e-3, atol=1e-3)
                for k in reference)
+
+
+def test_plausible_values_that_combine_into_a_huge_allocation_are_refused(saved, tmp_path):
+    """Each value within PLAUSIBLE_MAX, together beyond MAX_ALLOCATION_BYTES: refused with
+    one line naming the values; each of them alone still loads (the reference)."""
+    from orcnn_core.weights import MAX_ALLOCATION_BYTES, PLAUSIBLE_MAX, largest_allocation
+
+    _, cfg, path = saved
+    detections = PLAUSIBLE_MAX["box_detections_per_img"]
+    roi = PLAUSIBLE_MAX["mask_roi_size"]
+    for k, change in enumerate(({"box_detections_per_img": detections},
+                                {"mask_roi_size": roi},
+                                {"min_size": 8192, "max_size": 8192})):
+        alone = _rewrite_header(path, tmp_path / f"alone{k}.safetensors", _edit_config(**change))
+        assert load_weights(alone)[0] == ModelConfig.from_dict({**cfg.to_dict(), **change})
+    both = _rewrite_header(path, tmp_path / "both.safetensors", _edit_config(
+        box_detections_per_img=detections, mask_roi_size=roi))
+    # By hand: 2 heads x 10000 detections x 16 channels x 256 x 256 float32 = 78.1 GiB.
+    expected = 2 * detections * cfg.mask_head_channels * (2 * roi) ** 2 * 4
+    assert largest_allocation(ModelConfig.from_dict({**cfg.to_dict(), "mask_roi_size": roi,
+                                                     "box_detections_per_img": detections}))[0] \
+        == expected > MAX_ALLOCATION_BYTES
+    with pytest.raises(InputError) as info:
+        load_weights(both)
+    message = str(info.value)
+    assert message == (f"{both}: orcnn_config: box_detections_per_img 10000, mask_head_channels "
+                       f"16, mask_roi_size 128 would need about {expected / 2**30:.1f} GiB for "
+                       f"the detections' mask features of one image (at most 2 GiB)")
+    # Large frames and many proposals of a wide FPN (refused before its tensors are read):
+    # 100000 x 256 x 7 x 7 float32 = 4.7 GiB, more than the finest map's 4.0 GiB.
+    proposals = _rewrite_header(path, tmp_path / "proposals.safetensors", _edit_config(
+        min_size=8192, max_size=8192, rpn_pre_nms_top_n_test=100_000,
+        rpn_post_nms_top_n_test=100_000, fpn_channels=256))
+    with pytest.raises(InputError, match=r"orcnn_config: rpn_post_nms_top_n_test 100000, "
+                                         r"fpn_channels 256 would need about 4\.7 GiB for "
+                                         r"the proposals' box features of one image"):
+        load_weights(proposals)
