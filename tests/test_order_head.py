@@ -13,6 +13,7 @@ from orcnn_core.losses import loss_occlusion_order
 from orcnn_core.model import (A_ON_B, B_ON_A, NEITHER, PairOrderHead, build_model,
                               overlapping_pairs, pair_order_targets)
 from orcnn_core.occlusion import occlusion_graph
+from orcnn_core.predictor import Predictor
 from orcnn_core.weights import build_from_file, save_weights
 from test_model import empty_sample, sample
 from test_occlusion import canvas_instance, prediction_from_masks
@@ -225,3 +226,14 @@ def test_training_only_the_head_leaves_the_rest_as_trained():
     assert any("running_mean" in k for k in before)
     with pytest.raises(InputError, match="no order head"):
         build_model(tiny_config()).train_only_order_head()
+
+
+def test_exported_back_ends_carry_the_masks_not_the_head():
+    """Fixed-size graphs (TorchScript here; ONNX the same way) are traced for the masks
+    only: with them the order is decided from the mask probabilities."""
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    model = order_model(box_score_thresh=0.0)
+    eager = Predictor(model, device="cpu")(image)
+    traced = Predictor(model, device="cpu", backend="torchscript")(image)
+    assert eager.order is not None and eager.order.shape == (len(eager), len(eager))
+    assert traced.order is None and len(traced) == len(eager)
