@@ -45,6 +45,11 @@ import numpy as np
 
 from orcnn_core.errors import InputError
 
+try:  # einsum without its Python dispatch layer (1 us a call, most of a small window's cost)
+    from numpy._core.multiarray import c_einsum as _einsum
+except ImportError:  # another numpy layout: the public function, same results
+    _einsum = np.einsum
+
 from orcnn_core.prediction import HIDDEN, VISIBLE
 
 __all__ = ["OcclusionGraph", "occlusion_graph", "pair_evidence", "pair_overlaps",
@@ -86,32 +91,34 @@ class OcclusionGraph:
         return int(self.layers.shape[0])
 
 
-#: Intersection windows up to this many pixels are compared together, by gathering their
-#: pixels (no Python loop over pairs); larger ones one by one on views of the crops, where
-#: the pixel work outweighs the loop.
-LOOP_PIXELS = 1500
-#: Window pixels gathered in one batch: bounds the temporary index arrays (8 bytes per pixel
-#: each) when many boxes overlap.
-BATCH_PIXELS = 1 << 20
+#: Intersection windows up to this many pixels sum float32 products (each product rounded
+#: to float32, as the previous releases computed them), larger ones exact float64 products;
+#: both sum in float64. Kept so that the published evidence, ratios and confidences stay
+#: the same to the last bit; the rounding moves evidence by about 1e-7 relative.
+ROUNDED_PRODUCT_PIXELS = 1500
 
 
-def _planes(crops: list, probs=None) -> tuple:
-    """Per instance, flat float32 evidence planes over its roi: (visible, hidden).
+def _planes(crops: list, probs=None) -> np.ndarray:
+    """The evidence planes of all instances in one float32 array [2, sum of roi areas]:
+    row 0 visible, row 1 hidden, each instance's roi flattened, in instance order.
 
     From label crops: 1 where the label is visible (resp. hidden), else 0. From probability
     crops (uint8 [2, h, w], amodal and visible, 255 = 1): p_visible and
-    p_amodal * (1 - p_visible).
+    p_amodal * (1 - p_visible). One conversion for all instances: per-instance array
+    operations cost more than their pixels here.
     """
     if probs is None:
-        visible = [(np.asarray(c) == VISIBLE).astype(np.float32).reshape(-1) for c in crops]
-        hidden = [(np.asarray(c) == HIDDEN).astype(np.float32).reshape(-1) for c in crops]
-        return visible, hidden
-    visible, hidden = [], []
-    for p in probs:
-        p = np.asarray(p, np.float32).reshape(2, -1) * np.float32(1 / 255)
-        visible.append(p[1])
-        hidden.append(p[0] * (1 - p[1]))
-    return visible, hidden
+        labels = np.concatenate([np.asarray(c).reshape(-1) for c in crops])
+        planes = np.empty((2, labels.size), np.float32)
+        np.equal(labels, VISIBLE, out=planes[0], casting="unsafe")
+        np.equal(labels, HIDDEN, out=planes[1], casting="unsafe")
+        return planes
+    # uint8 [2, total]: amodal, visible. In float32, the amodal row becomes the hidden one.
+    planes = np.concatenate([np.asarray(p).reshape(2, -1) for p in probs], 1).astype(
+        np.float32)
+    planes *= np.float32(1 / 255)
+    planes[0] *= 1 - planes[1]
+    return planes[::-1]
 
 
 def _check_crops(rois: np.ndarray, crops: list, probs) -> None:
@@ -151,8 +158,9 @@ def pair_evidence(rois: np.ndarray, crops: list, probs=None):
     labels, the expected overlap under the probabilities for ``probs``. Raises
     :class:`InputError` when a crop's shape is not its roi's.
 
-    Small intersection windows are compared together (numpy gathers over their pixels,
-    :data:`BATCH_PIXELS` at a time), windows above :data:`LOOP_PIXELS` one by one.
+    Each window is a view of both instances' planes: one or two numpy calls per pair for
+    both directions, no gathered copies (windows above :data:`ROUNDED_PRODUCT_PIXELS` with
+    exact products, smaller ones with float32 products).
     """
     rois = np.asarray(rois, np.int64).reshape(-1, 4)
     _check_crops(rois, crops, probs)
@@ -161,8 +169,7 @@ def pair_evidence(rois: np.ndarray, crops: list, probs=None):
     a, b, windows = _intersecting_pairs(rois)
     if not a.size:
         return _no_pairs()
-    visible, hidden = _planes(crops, probs)
-    sums = _window_sums(rois, visible, hidden, a, b, windows)
+    sums = _window_sums(rois, _planes(crops, probs), a, b, windows)
     # (a, b) then (b, a) for every pair.
     pairs = np.empty((a.size, 2, 2), np.int64)
     pairs[:, 0, 0] = pairs[:, 1, 1] = a
@@ -196,68 +203,38 @@ def _intersecting_pairs(rois: np.ndarray):
     return a, b, (wx0, wy0, ix1[a, b] - wx0, iy1[a, b] - wy0)
 
 
-def _window_sums(rois, visible, hidden, a, b, windows):
-    """float64 [P, 2]: per window, (sum visible_a * hidden_b, sum visible_b * hidden_a)."""
-    x0, y0, width, height = rois.T
-    wx0, wy0, win_w, win_h = windows
-    flat_visible, flat_hidden = np.concatenate(visible), np.concatenate(hidden)
-    sizes = width * height
-    offsets = np.cumsum(sizes) - sizes
-    # Flat position of each window's top-left pixel in a's crop and in b's crop.
-    corner_a = offsets[a] + (wy0 - y0[a]) * width[a] + (wx0 - x0[a])
-    corner_b = offsets[b] + (wy0 - y0[b]) * width[b] + (wx0 - x0[b])
-    area = win_w * win_h
-    sums = np.empty((a.size, 2), np.float64)
-    small = np.flatnonzero(area <= LOOP_PIXELS)
-    if small.size:
-        batch = np.cumsum(area[small]) // BATCH_PIXELS
-        for part in np.split(small, np.flatnonzero(np.diff(batch)) + 1):
-            sums[part] = _gathered_sums(flat_visible, flat_hidden, corner_a[part],
-                                        width[a[part]], corner_b[part], width[b[part]],
-                                        win_w[part], win_h[part])
-    for k in np.flatnonzero(area > LOOP_PIXELS).tolist():
-        i, j = int(a[k]), int(b[k])
-        in_i = _window_slices(rois[i], wx0[k], wy0[k], win_w[k], win_h[k])
-        in_j = _window_slices(rois[j], wx0[k], wy0[k], win_w[k], win_h[k])
-        shape_i, shape_j = (height[i], width[i]), (height[j], width[j])
-        vis_i, hid_i = visible[i].reshape(shape_i)[in_i], hidden[i].reshape(shape_i)[in_i]
-        vis_j, hid_j = visible[j].reshape(shape_j)[in_j], hidden[j].reshape(shape_j)[in_j]
-        # float64 sums, as in the gathered path: a threshold must not depend on the window.
-        sums[k] = (np.vdot(vis_i.astype(np.float64), hid_j),
-                   np.vdot(vis_j.astype(np.float64), hid_i))
-    return sums
+def _window_sums(rois, planes, a, b, windows):
+    """float64 [P, 2]: per window, (sum visible_a * hidden_b, sum visible_b * hidden_a), from
+    the float32 planes of :func:`_planes`.
 
-
-def _window_slices(roi, x, y, w, h) -> tuple:
-    """The slices of a ``h x w`` window at image position ``(x, y)`` in the crop of ``roi``."""
-    return (slice(y - roi[1], y - roi[1] + h), slice(x - roi[0], x - roi[0] + w))
+    Instance i's planes are a [2, height, width] view, a window a view of that, and b's
+    planes in reverse order pair a's visible with b's hidden and a's hidden with b's
+    visible: one product gives both directions. Windows above
+    :data:`ROUNDED_PRODUCT_PIXELS` multiply float64 copies of the planes (exact products).
+    """
+    x0, y0, width, height = (c.tolist() for c in rois.T)
+    exact = planes.astype(np.float64)
+    starts = np.cumsum([0] + [w * h for w, h in zip(width, height)]).tolist()
+    rounded_views, exact_views = {}, {}
+    sums = []
+    for i, j, x, y, w, h in zip(a.tolist(), b.tolist(), *(c.tolist() for c in windows)):
+        views = rounded_views if w * h <= ROUNDED_PRODUCT_PIXELS else exact_views
+        for k in (i, j):
+            if k not in views:
+                source = planes if views is rounded_views else exact
+                views[k] = source[:, starts[k]:starts[k + 1]].reshape(2, height[k], width[k])
+        yi, xi, yj, xj = y - y0[i], x - x0[i], y - y0[j], x - x0[j]
+        win_i = views[i][:, yi:yi + h, xi:xi + w]
+        win_j = views[j][::-1, yj:yj + h, xj:xj + w]
+        if views is exact_views:
+            sums.append(_einsum("cyx,cyx->c", win_i, win_j))
+        else:
+            sums.append(_einsum("cyx->c", win_i * win_j, dtype=np.float64))
+    return np.asarray(sums, np.float64).reshape(-1, 2)
 
 
 def _no_pairs():
     return np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
-
-
-def _gathered_sums(flat_visible, flat_hidden, corner_a, width_a, corner_b, width_b, win_w,
-                   win_h):
-    """:func:`_window_sums` of W small windows together: window k is ``win_h[k] x
-    win_w[k]`` at flat position ``corner_a[k]`` of a crop ``width_a[k]`` wide and at
-    ``corner_b[k]`` of one ``width_b[k]`` wide (all int64 [W]). Returns float64 [W, 2]."""
-    # One entry per window row: where the row starts in both crops and in the output.
-    row_window = np.repeat(np.arange(win_h.size), win_h)
-    first_row = np.cumsum(win_h) - win_h
-    row = np.arange(row_window.size) - first_row[row_window]
-    row_len = win_w[row_window]
-    out_start = np.cumsum(row_len) - row_len
-    shift_a = corner_a[row_window] + row * width_a[row_window] - out_start
-    shift_b = corner_b[row_window] + row * width_b[row_window] - out_start
-    out = np.arange(int(out_start[-1] + row_len[-1]))
-    at_a = out + np.repeat(shift_a, row_len)
-    at_b = out + np.repeat(shift_b, row_len)
-    window_start = np.cumsum(win_w * win_h) - win_w * win_h
-    a_on_b = flat_visible[at_a] * flat_hidden[at_b]
-    b_on_a = flat_visible[at_b] * flat_hidden[at_a]
-    return np.stack([np.add.reduceat(a_on_b, window_start, dtype=np.float64),
-                     np.add.reduceat(b_on_a, window_start, dtype=np.float64)], 1)
 
 
 def _check_thresholds(min_overlap_pixels, min_overlap_ratio, min_confidence,
@@ -323,37 +300,44 @@ def _break_cycles(n: int, edges: list, confidence: list, evidence: list):
     One pass instead of finding the cycles again after every drop: removing an edge never
     puts another edge on a cycle, so the edges on a cycle at the start, visited weakest
     first, are exactly the candidates, and each is dropped when it still lies on a cycle
-    (its occludee still reaches its occluder).
+    (its occludee still reaches its occluder). A path from an edge's occludee back to its
+    occluder stays inside their strongly connected component, so only the candidates are
+    searched.
     """
-    comp = _cyclic_components(n, edges)
+    comp = _cyclic_components(n, edges).tolist()
     on_cycle = sorted((k for k, (a, b) in enumerate(edges) if comp[a] == comp[b]),
                       key=lambda k: (confidence[k], evidence[k], edges[k]))
     if not on_cycle:
         return list(range(len(edges))), []
-    succ = [set() for _ in range(n)]
-    for a, b in edges:
-        succ[a].add(b)
+    succ = [0] * n  # successors inside the component, as bit sets
+    for k in on_cycle:
+        a, b = edges[k]
+        succ[a] |= 1 << b
     dropped = []
     for k in on_cycle:
         a, b = edges[k]
         if _reaches(succ, b, a):
-            succ[a].discard(b)
+            succ[a] &= ~(1 << b)
             dropped.append(k)
     gone = set(dropped)
     return [k for k in range(len(edges)) if k not in gone], dropped
 
 
 def _reaches(succ: list, start: int, goal: int) -> bool:
-    """Whether a path leads from ``start`` to ``goal`` (``succ``: successor sets)."""
-    seen = {start}
-    todo = [start]
-    while todo:
-        for w in succ[todo.pop()]:
-            if w == goal:
-                return True
-            if w not in seen:
-                seen.add(w)
-                todo.append(w)
+    """Whether a path leads from ``start`` to ``goal`` (``succ``: successors as bit sets,
+    bit w of ``succ[v]`` set for an edge v -> w). Breadth first, one level at a time."""
+    seen = 1 << start
+    level = succ[start]
+    while level:
+        if level >> goal & 1:
+            return True
+        seen |= level
+        following = 0
+        while level:
+            lowest = level & -level
+            following |= succ[lowest.bit_length() - 1]
+            level ^= lowest
+        level = following & ~seen
     return False
 
 
@@ -479,23 +463,26 @@ def _pick_order(n: int, edges: np.ndarray, terms: list, scores: np.ndarray) -> n
     then lower index), each pick removed before the next: its evidence on the others no
     longer counts against them. Removing objects in this order never removes one while the
     graph says that something still lies on it."""
+    # Plain Python lists and numbers: numpy element access costs more than the work here.
     terms = [dict(t) for t in terms]
-    indegree = np.bincount(edges[:, 1], minlength=n) if len(edges) else np.zeros(n, np.int64)
+    indegree = [0] * n
     succ = [[] for _ in range(n)]
     for a, b in edges.tolist():
         succ[a].append(b)
+        indegree[b] += 1
     lies_on = [[] for _ in range(n)]
     for j, t in enumerate(terms):
         for i in t:
             lies_on[i].append(j)
     version = [0] * n
+    neg_scores = [-s for s in scores.tolist()]
 
     def key(j):
-        return (-math.fsum(terms[j].values()), -float(scores[j]), j, version[j])
+        return (-math.fsum(terms[j].values()), neg_scores[j], j, version[j])
 
     ready = [key(i) for i in range(n) if indegree[i] == 0]
     heapq.heapify(ready)
-    order, picked = [], np.zeros(n, bool)
+    order, picked = [], [False] * n
     while ready:
         i, seen = heapq.heappop(ready)[2:]
         if picked[i] or seen != version[i]:

@@ -1,6 +1,7 @@
 """Occlusion graph, layers and pick order on hand-built instances (no model, no ROS)."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -568,22 +569,21 @@ def clustered_prediction_with_probs(rng, n, size=(90, 120)):
                       image_size=size, probs=probs)
 
 
-#: Every window gathered (in one batch or several) or sliced one by one, or a mix: (batch
-#: pixels, loop pixels); None: the module's own.
-WINDOW_MODES = ((None, None), (1 << 30, 1 << 30), (1, 1 << 30), (500, 1 << 30),
-                (1 << 30, 0), (500, 100))
+#: Every window with float32 products, every window with exact ones, and the module's own
+#: split (the rounding moves probability evidence by about 1e-7 relative; label counts not
+#: at all).
+ROUNDED_MODES = (None, 0, 1 << 30)
 
 
 def window_modes(monkeypatch):
     import orcnn_core.occlusion as occlusion
 
-    defaults = (occlusion.BATCH_PIXELS, occlusion.LOOP_PIXELS)
-    for batch, loop in WINDOW_MODES:
-        monkeypatch.setattr(occlusion, "BATCH_PIXELS", batch or defaults[0])
-        monkeypatch.setattr(occlusion, "LOOP_PIXELS", defaults[1] if loop is None else loop)
+    default = occlusion.ROUNDED_PRODUCT_PIXELS
+    for pixels in ROUNDED_MODES:
+        monkeypatch.setattr(occlusion, "ROUNDED_PRODUCT_PIXELS",
+                            default if pixels is None else pixels)
         yield
-    monkeypatch.setattr(occlusion, "BATCH_PIXELS", defaults[0])
-    monkeypatch.setattr(occlusion, "LOOP_PIXELS", defaults[1])
+    monkeypatch.setattr(occlusion, "ROUNDED_PRODUCT_PIXELS", default)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -669,8 +669,8 @@ def test_labels_other_than_visible_and_hidden_count_as_background(monkeypatch):
             noisy = crop.astype(dtype)
             noisy[(crop == 0) & (rng.random(crop.shape) < 0.5)] = junk
             crops.append(noisy)
-        for loop in (0, 1 << 30):  # sliced and gathered
-            monkeypatch.setattr(occlusion, "LOOP_PIXELS", loop)
+        for pixels in (0, 1 << 30):  # exact and rounded products
+            monkeypatch.setattr(occlusion, "ROUNDED_PRODUCT_PIXELS", pixels)
             pairs, pixels = pair_overlaps(pred.rois, crops)
             assert np.array_equal(pairs, expected[0]) and np.array_equal(pixels, expected[1])
 
@@ -870,3 +870,190 @@ def test_empty_and_single_predictions_with_probabilities():
     # One instance still has its probabilities checked.
     with pytest.raises(InputError, match=r"probs\[0\]"):
         occlusion_graph(dataclasses.replace(one, probs=[np.zeros((2, 5, 5), np.uint8)]))
+
+
+# ------------------------------------------- the per-frame path against a canvas reference
+def canvas_pair_evidence(rois, crops, probs=None, rounded_pixels=None):
+    """The evidence rule spelled out on a canvas, without windows or views: every instance's
+    visible and hidden planes pasted into a canvas that holds every roi (rois may reach past
+    the image on any side), then for every ordered pair a != b the sum over the whole canvas
+    of visible_a * hidden_b, added exactly (math.fsum). Planes as the module computes them,
+    in float32: labels 1 / 2, or p_visible = u_v * (1/255) and p_amodal * (1 - p_visible);
+    products of float32 values, rounded to float32 when the two rois share at most
+    ``rounded_pixels`` (the module's ROUNDED_PRODUCT_PIXELS) pixels, else exact."""
+    import orcnn_core.occlusion as occlusion
+
+    rounded_pixels = occlusion.ROUNDED_PRODUCT_PIXELS if rounded_pixels is None \
+        else rounded_pixels
+    rois = np.asarray(rois, np.int64).reshape(-1, 4)
+    n = len(rois)
+    if n == 0:
+        return {}
+    left, top = rois[:, 0].min(), rois[:, 1].min()
+    right, bottom = (rois[:, 0] + rois[:, 2]).max(), (rois[:, 1] + rois[:, 3]).max()
+    planes = np.zeros((n, 2, bottom - top, right - left), np.float32)
+    scale = np.float32(1 / 255)
+    for i, (x, y, w, h) in enumerate(rois.tolist()):
+        if probs is None:
+            visible = (np.asarray(crops[i]) == 1).astype(np.float32)
+            hidden = (np.asarray(crops[i]) == 2).astype(np.float32)
+        else:
+            amodal = probs[i][0].astype(np.float32) * scale
+            visible = probs[i][1].astype(np.float32) * scale
+            hidden = amodal * (np.float32(1) - visible)
+        planes[i, :, y - top:y - top + h, x - left:x - left + w] = visible, hidden
+    out = {}
+    for a in range(n):
+        for b in range(n):
+            (xa, ya, wa, ha), (xb, yb, wb, hb) = rois[a].tolist(), rois[b].tolist()
+            shared = max(0, min(xa + wa, xb + wb) - max(xa, xb)) \
+                * max(0, min(ya + ha, yb + hb) - max(ya, yb))
+            if a == b or shared == 0:
+                continue
+            if shared <= rounded_pixels:
+                products = planes[a, 0] * planes[b, 1]  # float32 products
+            else:
+                products = planes[a, 0].astype(np.float64) * planes[b, 1]  # exact
+            evidence = math.fsum(products.astype(np.float64).ravel().tolist())
+            if evidence > 0:
+                out[(a, b)] = evidence
+    return out
+
+
+def assert_evidence_is_canvas_reference(rois, crops, probs=None):
+    pairs, evidence = pair_evidence(rois, crops, probs)
+    expected = canvas_pair_evidence(rois, crops, probs)
+    found = dict(zip(map(tuple, pairs.tolist()), evidence.tolist()))
+    assert found.keys() == expected.keys()
+    for pair, value in expected.items():
+        if probs is None:  # whole pixel counts: exact whatever the order of the sum
+            assert found[pair] == value, pair
+        else:  # float64 sums in another order: the last few bits only
+            assert found[pair] == pytest.approx(value, rel=1e-13, abs=0), pair
+    # The pairs come as documented: row-major over a < b, (a, b) before (b, a).
+    keys = [(min(p), max(p), p[0] > p[1]) for p in found]
+    assert keys == sorted(keys)
+
+
+def labels_and_probs(rng, h, w, outside=None):
+    """A random label crop and probability crop (uint8 [2, h, w]); nothing visible where
+    ``outside`` (bool [h, w]) is set."""
+    probs = rng.integers(0, 256, (2, h, w)).astype(np.uint8)
+    probs[:, rng.random((h, w)) < 0.2] = 0
+    probs[1, rng.random((h, w)) < 0.1] = 255
+    if outside is not None:
+        probs[1][outside] = 0
+    labels = np.where(probs[0] >= 128, np.where(probs[1] >= 128, 1, 2), 0).astype(np.uint8)
+    return labels, probs
+
+
+def hand_built_cases():
+    """(name, rois, crops, probs) of the cases a window computation gets wrong first."""
+    rng = np.random.default_rng(11)
+
+    def make(rois, empty=()):
+        crops, probs = [], []
+        for i, (_, _, w, h) in enumerate(rois):
+            labels, p = labels_and_probs(rng, h, w)
+            if i in empty:
+                labels, p = np.zeros_like(labels), np.zeros_like(p)
+            crops.append(labels)
+            probs.append(p)
+        return rois, crops, probs
+
+    return [
+        ("none", *make([])),
+        ("one", *make([(3, 4, 6, 5)])),
+        ("apart", *make([(0, 0, 10, 10), (30, 0, 10, 10), (0, 30, 5, 5)])),
+        ("touching edges", *make([(0, 0, 10, 10), (10, 0, 10, 10), (0, 10, 10, 10),
+                                  (10, 10, 4, 4)])),
+        ("one shared column", *make([(0, 0, 10, 10), (9, 2, 10, 10)])),
+        ("one shared pixel", *make([(0, 0, 10, 10), (9, 9, 10, 10)])),
+        ("one inside another", *make([(0, 0, 40, 40), (10, 12, 8, 6)])),
+        ("same roi", *make([(5, 5, 12, 9), (5, 5, 12, 9)])),
+        ("empty masks", *make([(0, 0, 20, 20), (5, 5, 20, 20), (8, 2, 9, 30)], empty=(1,))),
+        ("past the border", *make([(-15, -10, 30, 25), (-5, 5, 20, 30), (40, -8, 30, 20),
+                                   (50, 0, 40, 30)])),
+        ("1 x 1 rois", *make([(3, 3, 1, 1), (3, 3, 1, 1), (2, 2, 3, 3)])),
+        ("large windows", *make([(0, 0, 60, 50), (10, 5, 60, 50), (-20, 10, 70, 45),
+                                 (30, 20, 20, 20)])),
+    ]
+
+
+@pytest.mark.parametrize("case", hand_built_cases(), ids=lambda case: case[0])
+def test_pair_evidence_equals_the_canvas_reference(case):
+    _, rois, crops, probs = case
+    rois = np.asarray(rois, np.int32).reshape(-1, 4)
+    assert_evidence_is_canvas_reference(rois, crops)
+    assert_evidence_is_canvas_reference(rois, crops, probs)
+
+
+def test_empty_masks_and_separate_rois_give_no_pairs():
+    cases = {name: (rois, crops, probs) for name, rois, crops, probs in hand_built_cases()}
+    for name in ("none", "one", "apart", "touching edges"):
+        rois, crops, probs = cases[name]
+        for p in (None, probs):
+            pairs, evidence = pair_evidence(np.asarray(rois, np.int32).reshape(-1, 4), crops,
+                                            p)
+            assert pairs.shape == (0, 2) and evidence.shape == (0,), name
+    rois, crops, probs = cases["empty masks"]
+    pairs, _ = pair_evidence(np.asarray(rois, np.int32), crops, probs)
+    assert 1 not in pairs  # instance 1 has nothing visible and nothing hidden
+    assert len(pairs) >= 2
+
+
+def test_both_product_precisions_are_exercised_and_differ():
+    # The split between float32 and exact products is real: the same probabilities give
+    # evidence that differs in the last bits (not more) when a window changes sides.
+    import orcnn_core.occlusion as occlusion
+
+    _, rois, _, probs = hand_built_cases()[-1]
+    rois = np.asarray(rois, np.int32)
+    shared = [canvas_pair_evidence(rois, None, probs, rounded_pixels=p) for p in (0, 1 << 30)]
+    assert shared[0].keys() == shared[1].keys()
+    assert any(shared[0][k] != shared[1][k] for k in shared[0])
+    for k in shared[0]:
+        assert shared[0][k] == pytest.approx(shared[1][k], rel=1e-6)
+    windows = [w * h for w, h in zip(*occlusion._intersecting_pairs(
+        rois.astype(np.int64))[2][2:])]
+    assert max(windows) > occlusion.ROUNDED_PRODUCT_PIXELS >= min(windows)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_crowded_scenes_evidence_and_graph_equal_the_canvas_reference(seed, monkeypatch):
+    """Crowded random scenes with windows on both sides of the precision split; the graph
+    from the optimised evidence is the graph from the reference's, field for field."""
+    import orcnn_core.occlusion as occlusion
+
+    rng = np.random.default_rng(300 + seed)
+    size = (90, 120)
+    rois, crops, probs = [], [], []
+    for _ in range(int(rng.integers(8, 20))):
+        w, h = int(rng.integers(1, 70)), int(rng.integers(1, 60))
+        x, y = int(rng.integers(-20, 100)), int(rng.integers(-20, 80))
+        rows, cols = (np.arange(h) + y)[:, None], (np.arange(w) + x)[None, :]
+        outside = (rows < 0) | (rows >= size[0]) | (cols < 0) | (cols >= size[1])
+        labels, p = labels_and_probs(rng, h, w, outside)
+        rois.append((x, y, w, h))
+        crops.append(labels)
+        probs.append(p)
+    n = len(rois)
+    pred = Prediction(boxes=np.zeros((n, 4), np.float32),
+                      scores=rng.random(n).astype(np.float32), labels=np.ones(n, np.int64),
+                      class_names=["o"] * n, rois=np.asarray(rois, np.int32), crops=crops,
+                      image_size=size, probs=probs)
+    assert_evidence_is_canvas_reference(pred.rois, pred.crops)
+    assert_evidence_is_canvas_reference(pred.rois, pred.crops, pred.probs)
+    graph = occlusion_graph(pred)
+
+    def reference(rois, crops, probs=None):
+        found = canvas_pair_evidence(rois, crops, probs)
+        pairs = sorted(found, key=lambda p: (min(p), max(p), p[0] > p[1]))
+        return (np.asarray(pairs, np.int64).reshape(-1, 2),
+                np.asarray([found[p] for p in pairs], np.float64))
+
+    monkeypatch.setattr(occlusion, "pair_evidence", reference)
+    expected = occlusion.occlusion_graph(pred)
+    for field in dataclasses.fields(graph):
+        assert np.array_equal(getattr(graph, field.name), getattr(expected, field.name)), \
+            field.name
