@@ -13,9 +13,9 @@ Arguments (``ros2 launch orcnn_ros perception.launch.py --show-args``):
                     there too: the bundled model)
     namespace       namespace of the node; outputs become /<namespace>/amodal_instances
     use_compressed  true or false; overrides the params file's value
-    autostart       true (default): the node configures and activates itself; false: it
-                    waits unconfigured for `ros2 lifecycle set`; overrides the params
-                    file's value
+    autostart       true: the node configures and activates itself; false: it waits
+                    unconfigured for `ros2 lifecycle set`; empty (default): the params
+                    file's autostart, true when it has none
 emulate_tty:=true (read by launch itself) runs the node on a pseudo-terminal, for coloured
 log lines; by default it is off, so log files hold no colour codes.
 
@@ -53,15 +53,20 @@ def check_params_file(context):
     return []
 
 
-class ModelPath(Substitution):
-    """The model_path launch argument when it is not empty, else the params file's
-    model_path for this node (the last section that applies to it), else empty."""
+class ArgumentOrParamsFile(Substitution):
+    """The launch argument ``name`` when it is not empty, else the params file's value of
+    the node parameter ``name`` (the last section that applies to this node), else
+    ``default``. Booleans come out as 'true' / 'false'."""
+
+    def __init__(self, name: str, default: str = ""):
+        super().__init__()
+        self.name, self.default = name, default
 
     def describe(self) -> str:
-        return "model_path argument, else the params file's model_path"
+        return f"{self.name} argument, else the params file's {self.name}"
 
     def perform(self, context) -> str:
-        given = LaunchConfiguration("model_path").perform(context)
+        given = LaunchConfiguration(self.name).perform(context)
         if given:
             return given
         try:
@@ -69,13 +74,15 @@ class ModelPath(Substitution):
                       encoding="utf-8") as f:
                 sections = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError):
-            return ""  # check_params_file reports a missing file; the node a bad one
-        value = ""
+            return self.default  # check_params_file reports a missing file; the node a bad one
+        value = None
         for key, section in sections.items() if isinstance(sections, dict) else ():
             if str(key).rstrip("/").split("/")[-1] in (NODE_NAME, "*", "**") \
                     and isinstance(section, dict):
-                value = (section.get("ros__parameters") or {}).get("model_path", value)
-        return str(value or "")
+                value = (section.get("ros__parameters") or {}).get(self.name, value)
+        if value is None or value == "":
+            return self.default
+        return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def generate_launch_description():
@@ -83,12 +90,13 @@ def generate_launch_description():
         get_package_share_directory("orcnn_ros"), "config", "perception.yaml")
     image_topic = LaunchConfiguration("image_topic")
     overrides = {
-        "model_path": ModelPath(),
+        "model_path": ArgumentOrParamsFile("model_path"),
         # A typed bool for the node's boolean parameter; the argument's choices admit only
         # 'true' and 'false'.
         "use_compressed": ParameterValue(LaunchConfiguration("use_compressed"),
                                          value_type=bool),
-        "autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool),
+        "autostart": ParameterValue(ArgumentOrParamsFile("autostart", "true"),
+                                    value_type=bool),
     }
     return LaunchDescription([
         DeclareLaunchArgument(
@@ -108,9 +116,10 @@ def generate_launch_description():
             "use_compressed", default_value="false", choices=["true", "false"],
             description="subscribe to <image_topic>/compressed (CompressedImage)"),
         DeclareLaunchArgument(
-            "autostart", default_value="true", choices=["true", "false"],
+            "autostart", default_value="", choices=["true", "false", ""],
             description="configure and activate the node at start; false: wait for "
-                        "`ros2 lifecycle set`"),
+                        "`ros2 lifecycle set`; empty: the params file's autostart "
+                        "(default true)"),
         OpaqueFunction(function=check_params_file),
         LifecycleNode(
             package="orcnn_ros",

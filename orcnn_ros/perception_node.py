@@ -185,10 +185,14 @@ def _descriptor(name: str) -> ParameterDescriptor:
 #: A frame that has waited longer than this fraction of the camera interval is stale: the
 #: worker waits for the next one (see fresh_frame_wait).
 STALE_FRACTION = 0.1
-#: Seconds a stop (shutdown, cleanup, destroy) waits for the worker's frame in inference;
-#: a graph build for a new large frame size can take longer and is left to end in the
-#: background (the worker is a daemon thread and publishes nothing after the stop).
+#: Seconds a stop of the program (SIGINT, SIGTERM: the ROS context is shut down) waits for
+#: the worker's frame in inference; a graph build for a new large frame size can take
+#: longer and is left to end in the background (the worker is a daemon thread and publishes
+#: nothing after the stop).
 WORKER_JOIN_TIMEOUT = 1.0
+#: Seconds a lifecycle cleanup or shutdown of a running program waits for that frame, so
+#: that the next configure does not hold two models at once.
+CLEANUP_JOIN_TIMEOUT = 60.0
 
 
 def fresh_frame_wait(age: float, interval: float, max_wait: float) -> float:
@@ -251,7 +255,6 @@ class PerceptionNode(LifecycleNode):
         self._arrivals = deque(maxlen=9)  # receive times of the last frames
         self._publish_lock = threading.Lock()  # orders publishing against deactivate
         self._epoch = 0  # +1 at each deactivate; the worker's frame must be of the current
-        self._frame_epoch = 0
         self._worker = None
         self._stop_worker = threading.Event()  # the current worker's; a new one per worker
         self._build_seen = None  # the back-end's last BuildInProgress the callback saw
@@ -424,7 +427,8 @@ class PerceptionNode(LifecycleNode):
             with self._cond:
                 self._stop_worker.set()
                 self._cond.notify_all()
-            worker.join(timeout=WORKER_JOIN_TIMEOUT)
+            worker.join(timeout=CLEANUP_JOIN_TIMEOUT if self.context.ok()
+                        else WORKER_JOIN_TIMEOUT)
             # After SIGTERM the context is shut down and /rosout gone: the process ends anyway.
             if worker.is_alive() and self.context.ok():
                 build = self._graph_build()
@@ -526,9 +530,9 @@ class PerceptionNode(LifecycleNode):
                         continue
                 msg, received = self._pending
                 self._pending = None
-                self._frame_epoch = self._epoch
+                epoch = self._epoch  # this worker's own: a later worker has another
             try:
-                self._process(msg, received)
+                self._process(msg, received, epoch)
             except Exception as exc:  # never let one frame end the node
                 self.stats.count("failed")
                 self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}",
@@ -559,17 +563,19 @@ class PerceptionNode(LifecycleNode):
             return 0.0
         return statistics.median(b - a for a, b in zip(times, times[1:]))
 
-    def _apply_model_settings(self, settings: Settings) -> None:
+    def _apply_model_settings(self, predictor, settings: Settings) -> None:
         """Run-time score threshold and instance cap, set between frames through the
         Predictor so that fewer boxes reach the mask heads; select_instances enforces both
         on the output as well."""
         wanted = (settings.score_threshold, settings.max_instances)
         if wanted == self._applied:
             return
-        self._predictor.set_limits(float(settings.score_threshold), int(settings.max_instances))
+        predictor.set_limits(float(settings.score_threshold), int(settings.max_instances))
         self._applied = wanted
 
-    def _process(self, msg, received: float) -> None:
+    def _process(self, msg, received: float, epoch: int) -> None:
+        """Answer one frame taken from the slot in ``epoch``: it is published only while
+        the node is active in that same epoch (not after a deactivate or reconfigure)."""
         settings = self._settings
         predictor = self._predictor
         if predictor is None:
@@ -583,7 +589,7 @@ class PerceptionNode(LifecycleNode):
                 f"skipping malformed frame from {self._input_name}: {exc}",
                 throttle_duration_sec=5.0)
             return
-        self._apply_model_settings(settings)
+        self._apply_model_settings(predictor, settings)
         start = time.perf_counter()
         prediction = predictor(image, color_order=order)
         inference_ms = (time.perf_counter() - start) * 1000.0
@@ -595,7 +601,7 @@ class PerceptionNode(LifecycleNode):
                                              inference_ms)
         out.latency_ms = (time.monotonic() - received) * 1000.0
         with self._publish_lock:
-            if not self._active or self._frame_epoch != self._epoch:
+            if not self._active or epoch != self._epoch:
                 self.stats.count("dropped")  # deactivated during its inference
                 return
             self._out_pub.publish(out)

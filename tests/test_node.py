@@ -6,6 +6,7 @@ the run's own ROS_DOMAIN_ID, so every message crosses the middleware.
 """
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -526,6 +527,37 @@ def test_compressed_input_and_incompatible_qos(harness, perception, model_path):
             harness.node.destroy_publisher(p)
     finally:
         harness.destroy(node)
+
+
+def test_launch_arguments_fall_back_to_the_params_file(tmp_path):
+    """autostart and model_path: the launch argument when given, else the params file's
+    value, else the default (a params file's `autostart: false` still holds under launch)."""
+    try:
+        import yaml
+        from launch import LaunchContext
+    except ImportError:
+        pytest.skip("ROS 2 launch not importable")
+    spec = importlib.util.spec_from_file_location("perception_launch",
+                                                  ROOT / "launch" / "perception.launch.py")
+    launch_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_file)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"/**/orcnn_perception": {"ros__parameters": {
+        "autostart": False, "model_path": "/models/m.safetensors"}}}))
+    context = LaunchContext()
+    context.launch_configurations.update(
+        {"params_file": str(params), "autostart": "", "model_path": ""})
+
+    def value(name, default=""):
+        return launch_file.ArgumentOrParamsFile(name, default).perform(context)
+
+    assert (value("autostart", "true"), value("model_path")) == ("false",
+                                                                 "/models/m.safetensors")
+    context.launch_configurations.update({"autostart": "true", "model_path": "/other"})
+    assert (value("autostart", "true"), value("model_path")) == ("true", "/other")
+    params.write_text(yaml.safe_dump({"/**/orcnn_perception": {"ros__parameters": {}}}))
+    context.launch_configurations.update({"autostart": "", "model_path": ""})
+    assert (value("autostart", "true"), value("model_path")) == ("true", "")
 
 
 def test_launch_file_arguments():
