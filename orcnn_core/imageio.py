@@ -51,7 +51,8 @@ MAX_SIDE = 16384
 MAX_ASPECT_RATIO = 16.0
 #: The environment variable that raises (or lowers) each limit.
 LIMIT_ENV = {"pixels": "ORCNN_MAX_IMAGE_PIXELS", "side": "ORCNN_MAX_IMAGE_SIDE",
-             "aspect_ratio": "ORCNN_MAX_IMAGE_ASPECT_RATIO"}
+             "aspect_ratio": "ORCNN_MAX_IMAGE_ASPECT_RATIO",
+             "jpeg_scan_pixels": "ORCNN_MAX_JPEG_SCAN_PIXELS"}
 #: Most scans a JPEG stream may have, whatever its size. A baseline JPEG has 1 (3 when its
 #: components are not interleaved), libjpeg's progressive mode 10, a full successive
 #: approximation script about 200; each scan is one more pass of the decoder.
@@ -184,7 +185,8 @@ def _quiet_decoders():
 def image_limits() -> dict:
     """The size limits in force: the module defaults, or the environment variables of
     :data:`LIMIT_ENV`; a bad value of one raises :class:`InputError` naming it."""
-    limits = {"pixels": MAX_PIXELS, "side": MAX_SIDE, "aspect_ratio": MAX_ASPECT_RATIO}
+    limits = {"pixels": MAX_PIXELS, "side": MAX_SIDE, "aspect_ratio": MAX_ASPECT_RATIO,
+              "jpeg_scan_pixels": MAX_JPEG_SCAN_PIXELS}
     for key, variable in LIMIT_ENV.items():
         raw = os.environ.get(variable)
         if raw is None or raw.strip() == "":
@@ -224,16 +226,18 @@ def jpeg_scans(data) -> int:
     return bytes(data).count(_JPEG_SOS)
 
 
-def jpeg_decode_problem(data, width: int, height: int):
+def jpeg_decode_problem(data, width: int, height: int, limits=None):
     """None when decoding the JPEG stream ``data`` of ``width`` x ``height`` (from its
     header) fits the decode budget, else what exceeds it: more than :data:`MAX_JPEG_SCANS`
-    scans, or more than :data:`MAX_JPEG_SCAN_PIXELS` pixels x scans."""
+    scans, or more pixels x scans than ``limits["jpeg_scan_pixels"]`` (default:
+    :func:`image_limits`, :data:`MAX_JPEG_SCAN_PIXELS` unless its variable raises it)."""
+    budget = (image_limits() if limits is None else limits)["jpeg_scan_pixels"]
     scans = jpeg_scans(data)
     if scans > MAX_JPEG_SCANS:
         return f"{scans} scans (at most {MAX_JPEG_SCANS} are decoded)"
-    if scans * width * height > MAX_JPEG_SCAN_PIXELS:
+    if scans * width * height > budget:
         return (f"{scans} scans of {width} x {height} pixels, more than the decode budget of "
-                f"{MAX_JPEG_SCAN_PIXELS} pixels x scans")
+                f"{budget} pixels x scans ({LIMIT_ENV['jpeg_scan_pixels']} raises it)")
     return None
 
 

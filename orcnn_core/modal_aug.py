@@ -176,7 +176,8 @@ class _Layers:
             mask_padding=p, occlusion_relations=np.array(relations, np.int64).reshape(-1, 2),
             image_id=target.image_id, file_name=target.file_name,
             annotation_ids=np.array([self.annotation_ids[i] for i in keep], np.int64),
-            image_path=target.image_path, modal_only=target.modal_only)
+            image_path=target.image_path, modal_only=target.modal_only,
+            relations_known=target.relations_known)
 
 
 #: Source images tried per draw before an image is left as it is (a source image may hold

@@ -60,7 +60,7 @@ from orcnn_core.losses import (
 
 __all__ = ["ORCNN", "ORCNNRoIHeads", "ORCNNRPN", "PairOrderHead", "build_model",
            "build_backbone", "project_masks_on_boxes", "image_mask_targets",
-           "overlapping_pairs", "pair_order_targets"]
+           "overlapping_box_pairs", "pair_order_targets"]
 
 
 # ---------------------------------------------------------------------------------- backbone
@@ -182,7 +182,7 @@ def image_mask_targets(target: dict, rois: torch.Tensor, matched_idxs: torch.Ten
 A_ON_B, B_ON_A, NEITHER = 0, 1, 2
 
 
-def overlapping_pairs(boxes: torch.Tensor) -> torch.Tensor:
+def overlapping_box_pairs(boxes: torch.Tensor) -> torch.Tensor:
     """int64 [P, 2]: the index pairs (i, j), i < j, of boxes [N, 4] (xyxy) whose areas
     intersect; only such objects can lie on one another."""
     n = boxes.shape[0]
@@ -329,7 +329,7 @@ class ORCNNRoIHeads(RoIHeads):
     def _order_probabilities(self, features, boxes, amodal, visible, image_shapes) -> list:
         """Per image float [D, D]: entry (a, b) is P(detection a lies on detection b); 0
         for pairs whose boxes do not overlap."""
-        pairs = [overlapping_pairs(b) for b in boxes]
+        pairs = [overlapping_box_pairs(b) for b in boxes]
         probs = torch.stack([amodal, visible], 1).sigmoid()
         softmax = self.pair_order_logits(features, boxes, probs, pairs, image_shapes) \
             .softmax(1).split([p.shape[0] for p in pairs])
@@ -349,7 +349,7 @@ class ORCNNRoIHeads(RoIHeads):
         ``occlusion_relations``. The masks enter as detached probabilities."""
         pairs, pair_targets = [], []
         for b, m, t in zip(boxes, matched, targets):
-            p = overlapping_pairs(b)
+            p = overlapping_box_pairs(b)
             p = p[m[p[:, 0]] != m[p[:, 1]]] if "occlusion_relations" in t else p[:0]
             if p.shape[0] > self.order_pairs_per_image:
                 p = p[torch.linspace(0, p.shape[0] - 1, self.order_pairs_per_image,

@@ -89,7 +89,8 @@ class ModalAugConfig:
     min_objects: int = 1  # objects pasted on such an image: min_objects..max_objects
     max_objects: int = 3
     # "train": objects cut from other training images; else an annotation file (any layout
-    # data.train takes, e.g. plain COCO instances) whose whole, untruncated objects are cut
+    # data.train takes, e.g. plain COCO instances; the training data's categories) whose
+    # whole, untruncated objects are cut
     sources: str = "train"
     sources_images: str = ""  # image folder of that file; default: the file's folder
 

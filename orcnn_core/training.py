@@ -109,10 +109,11 @@ def open_scenes(source: str, images: str, spec: SynthDataConfig, where: str,
         raise InputError(f"{where}: {exc}") from None
 
 
-def sample_to_tensors(sample: AmodalSample, flip: bool, relations_known: bool = True):
+def sample_to_tensors(sample: AmodalSample, flip: bool):
     """(image float [3, H, W] in [0, 1], target dict) as the model takes them. The target
-    carries ``occlusion_relations`` when they are known (not for modal-only samples, nor
-    for files that state none), so an order head never learns "neither" from silence."""
+    carries ``occlusion_relations`` when they are known (``sample.relations_known``: not for
+    modal-only samples, nor for files that state none), so an order head never learns
+    "neither" from silence."""
     image = sample.load_image()
     amodal, visible, boxes = sample.amodal_masks, sample.visible_masks, sample.boxes.copy()
     if flip:
@@ -128,7 +129,7 @@ def sample_to_tensors(sample: AmodalSample, flip: bool, relations_known: bool = 
         "visible_masks": torch.from_numpy(np.ascontiguousarray(visible)),
         "mask_padding": int(sample.mask_padding),
     }
-    if relations_known and not sample.modal_only:
+    if sample.relations_known and not sample.modal_only:
         target["occlusion_relations"] = torch.from_numpy(sample.occlusion_relations).long()
     return x, target
 
@@ -167,8 +168,6 @@ class _TrainingSet(torch.utils.data.Dataset):
 
     def __init__(self, scenes, modal_aug: ModalAugConfig, sources, seed: int):
         self.scenes, self.modal_aug, self.sources, self.seed = scenes, modal_aug, sources, seed
-        # Synthetic scenes know every relation; a file only when it states them.
-        self.relations_known = getattr(scenes, "relations_given", True)
 
     def __len__(self):
         return len(self.scenes)
@@ -178,7 +177,7 @@ class _TrainingSet(torch.utils.data.Dataset):
         aug = self.modal_aug
         sample = augment(self.scenes[index], self.sources, np.random.default_rng(
             [self.seed, 2, g]), aug.probability, aug.min_objects, aug.max_objects)
-        return sample_to_tensors(sample, flip, self.relations_known)
+        return sample_to_tensors(sample, flip)
 
 
 def _collate(batch):
@@ -550,8 +549,14 @@ def _modal_sources(cfg: TrainConfig, train_scenes):
     aug = cfg.data.modal_aug
     if aug.probability == 0 or aug.sources == "train":
         return train_scenes
-    return open_scenes(aug.sources, aug.sources_images, cfg.data.synth_train,
-                       "data.modal_aug.sources", "auto", cfg.data.annotators)
+    sources = open_scenes(aug.sources, aug.sources_images, cfg.data.synth_train,
+                          "data.modal_aug.sources", "auto", cfg.data.annotators)
+    names = [c["name"] for c in train_scenes.categories]
+    source_names = [c["name"] for c in sources.categories]
+    if source_names != names:  # a pasted object keeps its label number
+        raise InputError(f"data.modal_aug.sources {aug.sources}: categories {source_names} "
+                         f"differ from the training data's {names}")
+    return sources
 
 
 def _make_loader(cfg: TrainConfig, scenes, sources, world: int, rank: int, start: int):

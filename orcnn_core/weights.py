@@ -50,7 +50,8 @@ PLAUSIBLE_MAX = {
     "rpn_pre_nms_top_n_train": 100_000, "rpn_pre_nms_top_n_test": 100_000,
     "rpn_post_nms_top_n_train": 100_000, "rpn_post_nms_top_n_test": 100_000,
     "rpn_batch_size_per_image": 100_000, "box_batch_size_per_image": 100_000,
-    "box_detections_per_img": 10_000,
+    "box_detections_per_img": 10_000, "order_head_channels": 4096,
+    "order_pairs_per_image": 100_000,
 }
 #: Largest single tensor one image may need at inference, estimated from the config by
 #: :func:`largest_allocation` (2 GiB; a model for 4K frames, min_size 2160, max_size 3840
@@ -243,6 +244,8 @@ def largest_allocation(cfg: ModelConfig) -> tuple:
     * the proposals' box features: rpn_post_nms_top_n_test x fpn_channels x 7 x 7;
     * the detections' mask features, both heads: 2 x box_detections_per_img x
       mask_head_channels x (2 mask_roi_size)^2;
+    * with an order head, its union-box features of every pair of detections (all may
+      overlap): D (D - 1) / 2 x fpn_channels x 7 x 7, D = box_detections_per_img;
 
     each float32. An estimate to refuse absurd configs with, not a memory budget."""
     terms = [
@@ -254,6 +257,11 @@ def largest_allocation(cfg: ModelConfig) -> tuple:
          * (2 * cfg.mask_roi_size) ** 2, "the detections' mask features",
          ("box_detections_per_img", "mask_head_channels", "mask_roi_size")),
     ]
+    if cfg.order_head:
+        pairs = cfg.box_detections_per_img * (cfg.box_detections_per_img - 1) // 2
+        terms.append((pairs * cfg.fpn_channels * _BOX_ROI_SIDE ** 2,
+                      "the order head's pair features",
+                      ("order_head", "box_detections_per_img", "fpn_channels")))
     values, what, names = max(terms, key=lambda term: term[0])
     return values * _FLOAT_BYTES, what, names
 

@@ -226,3 +226,14 @@ def test_a_training_run_with_modal_augmentation(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
     assert "data.modal_aug.min_objects must be <= max_objects 2" in refused.stderr
+    # A sources file must have the training data's categories (a paste keeps its label).
+    cfg = SynthConfig(width=64, height=48, num_classes=3)
+    other = tmp_path / "other.json"
+    write_amodal_coco(generate_samples(1, 0, cfg), other, categories=cfg.categories)
+    refused = subprocess.run(
+        ["orcnn-core", "train", "--config", str(config), "--output-dir", str(tmp_path / "r3"),
+         "--set", "data.modal_aug.probability=0.5", "--set", f"data.modal_aug.sources={other}"],
+        capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr
+    assert f"data.modal_aug.sources {other}: categories" in refused.stderr
+    assert "differ from the training data's" in refused.stderr

@@ -69,7 +69,8 @@ def with_progressive_size(jpeg: bytes, width: int, height: int) -> bytes:
 
 
 # ---------------------------------------------------------------------- decode budget
-def test_progressive_jpegs_beyond_the_decode_budget_are_refused_from_the_stream(tmp_path):
+def test_progressive_jpegs_beyond_the_decode_budget_are_refused_from_the_stream(
+        tmp_path, monkeypatch):
     scene = check_scene(HEIGHT, WIDTH)
     normal = progressive_jpeg(scene)
     many = progressive_jpeg(scene, extra_scans=MAX_JPEG_SCANS)
@@ -88,6 +89,13 @@ def test_progressive_jpegs_beyond_the_decode_budget_are_refused_from_the_stream(
         with pytest.raises(ValueError, match=f"^data: jpeg stream with {message}"):
             conversions.message_to_array(CompressedImage(format="jpeg", data=data))
         assert time.perf_counter() - start < 0.2
+    # The budget's variable raises it.
+    big = CompressedImage(format="jpeg", data=cases[1][0])
+    monkeypatch.setenv("ORCNN_MAX_JPEG_SCAN_PIXELS", str(20 * 4096 * 4096))
+    assert conversions.check_compressed(big)[1:] == (4096, 4096)
+    monkeypatch.delenv("ORCNN_MAX_JPEG_SCAN_PIXELS")
+    with pytest.raises(ValueError, match="ORCNN_MAX_JPEG_SCAN_PIXELS raises it"):
+        conversions.check_compressed(big)
     # 10 scans of the same claimed size are within the budget (the limit, not the size).
     assert conversions.check_compressed(CompressedImage(
         format="jpeg", data=with_progressive_size(normal, 4096, 4096)))[1:] == (4096, 4096)

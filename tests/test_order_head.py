@@ -11,7 +11,7 @@ import torch
 from orcnn_core.errors import InputError
 from orcnn_core.losses import loss_occlusion_order
 from orcnn_core.model import (A_ON_B, B_ON_A, NEITHER, PairOrderHead, build_model,
-                              overlapping_pairs, pair_order_targets)
+                              overlapping_box_pairs, pair_order_targets)
 from orcnn_core.occlusion import occlusion_graph
 from orcnn_core.predictor import Predictor
 from orcnn_core.weights import build_from_file, save_weights
@@ -40,9 +40,9 @@ def order_model(seed=0, **changes):
 def test_overlapping_pairs_by_hand():
     boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 15, 15], [10, 0, 20, 10], [30, 30, 40, 40]])
     # 0 and 2 only touch at x = 10 (no area in common); 1 overlaps both.
-    assert overlapping_pairs(boxes).tolist() == [[0, 1], [1, 2]]
-    assert overlapping_pairs(boxes[:1]).shape == (0, 2)
-    assert overlapping_pairs(boxes[:0]).shape == (0, 2)
+    assert overlapping_box_pairs(boxes).tolist() == [[0, 1], [1, 2]]
+    assert overlapping_box_pairs(boxes[:1]).shape == (0, 2)
+    assert overlapping_box_pairs(boxes[:0]).shape == (0, 2)
 
 
 def test_pair_targets_by_hand():
@@ -122,7 +122,7 @@ def test_inference_order_probabilities(tmp_path):
     d = boxes.shape[0]
     assert d > 1 and probs.shape == (d, d)
     assert torch.all(probs.diagonal() == 0)
-    pairs = {tuple(p) for p in overlapping_pairs(boxes).tolist()}
+    pairs = {tuple(p) for p in overlapping_box_pairs(boxes).tolist()}
     for a in range(d):
         for b in range(a + 1, d):
             total = probs[a, b] + probs[b, a]
