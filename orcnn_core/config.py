@@ -239,6 +239,22 @@ class ModelConfig:
             check_int(name, 1)
         if self.max_size < self.min_size:
             fail("max_size", f"must be >= min_size {self.min_size}")
+        self._validate_lists(fail)
+        for name in ("rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh",
+                     "box_fg_iou_thresh", "box_bg_iou_thresh", "box_nms_thresh"):
+            check_float(name, 0.0, 1.0)
+        check_float("rpn_positive_fraction", 0.0, 1.0, low_open=True)
+        check_float("box_positive_fraction", 0.0, 1.0, low_open=True)
+        check_float("box_score_thresh", 0.0, 1.0)
+        check_float("box_clip_margin", 0.0, 10.0)
+        if self.rpn_bg_iou_thresh > self.rpn_fg_iou_thresh:
+            fail("rpn_bg_iou_thresh", f"must be <= rpn_fg_iou_thresh {self.rpn_fg_iou_thresh}")
+        if self.box_bg_iou_thresh > self.box_fg_iou_thresh:
+            fail("box_bg_iou_thresh", f"must be <= box_fg_iou_thresh {self.box_fg_iou_thresh}")
+
+    def _validate_lists(self, fail) -> None:
+        """The list values: normalisation (R, G, B) and anchors (one size per feature
+        map); ``fail(name, problem)`` raises."""
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             fail("image_mean" if len(self.image_mean) != 3 else "image_std",
                  "must hold 3 values (R, G, B)")
@@ -256,14 +272,3 @@ class ModelConfig:
         if not self.anchor_aspect_ratios or not all(
                 isinstance(r, (int, float)) and r > 0 for r in self.anchor_aspect_ratios):
             fail("anchor_aspect_ratios", "must be positive numbers")
-        for name in ("rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh",
-                     "box_fg_iou_thresh", "box_bg_iou_thresh", "box_nms_thresh"):
-            check_float(name, 0.0, 1.0)
-        check_float("rpn_positive_fraction", 0.0, 1.0, low_open=True)
-        check_float("box_positive_fraction", 0.0, 1.0, low_open=True)
-        check_float("box_score_thresh", 0.0, 1.0)
-        check_float("box_clip_margin", 0.0, 10.0)
-        if self.rpn_bg_iou_thresh > self.rpn_fg_iou_thresh:
-            fail("rpn_bg_iou_thresh", f"must be <= rpn_fg_iou_thresh {self.rpn_fg_iou_thresh}")
-        if self.box_bg_iou_thresh > self.box_fg_iou_thresh:
-            fail("box_bg_iou_thresh", f"must be <= box_fg_iou_thresh {self.box_fg_iou_thresh}")

@@ -866,9 +866,10 @@ def _build_records(images: dict, specs: list, relations: list) -> list:
     for spec in specs:
         by_image[spec.image_id].append(spec)
     records = [_image_record(image, by_image[image_id]) for image_id, image in images.items()]
+    relations = list(relations)  # the caller's list stays as it was
     for rec in records:
         if any(spec.order for spec in by_image[rec.image_id]):
-            relations = relations + _kins_relations(rec, by_image[rec.image_id])
+            relations.extend(_kins_relations(rec, by_image[rec.image_id]))
     by_id = {r.image_id: r for r in records}
     index_of = {inst.ann_id: (rec.image_id, i)  # annotation id -> (image id, index)
                 for rec in records for i, inst in enumerate(rec.instances)}

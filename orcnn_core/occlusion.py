@@ -382,8 +382,9 @@ def occlusion_graph(prediction, min_overlap_pixels: float = MIN_OVERLAP_PIXELS,
 
     The order is decided on the order head's probabilities when the prediction has them
     (``order``), else on the mask probabilities (``probs``), else on its labels (see the
-    module doc). An edge needs positive evidence even when every
-    threshold is 0. Raises :class:`InputError` for a threshold out of range.
+    module doc). From the masks, an edge needs positive evidence even when every threshold
+    is 0; from the order head, ``min_overlap_pixels`` 0 lets the head's probability alone
+    make an edge. Raises :class:`InputError` for a threshold out of range.
     """
     _check_thresholds(min_overlap_pixels, min_overlap_ratio, min_confidence, prior_pixels)
     n = len(prediction.crops)

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     assert check == metrics["published_order"], (check, metrics["published_order"])
     if args.grid:
         figures["grid"] = grid(records, [0.5, 1, 2, 4, 8, 16, 32], [0.3, 0.4, 0.5, 0.6],
-                               [0.5, 1, 2, 5, 10, 20])
+                               [0, 0.5, 1, 2, 5, 10, 20])
         for row in figures["grid"]:
             m, g = row["model"], row["gt_masks"]
             print(f"prior {row['prior_pixels']:5g} conf {row['min_confidence']:.2f} px "
