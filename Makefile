@@ -36,6 +36,7 @@ bench: setup
 	python -P benchmarks/bench_model.py --threads 1 --json $(BENCH_OUT)/model.json && \
 	python -P benchmarks/bench_postprocess.py --threads 1 --json $(BENCH_OUT)/postprocess.json && \
 	python -P benchmarks/bench_order.py --threads 1 --json $(BENCH_OUT)/order.json && \
+	python -P benchmarks/bench_order_head.py --threads 1 --json $(BENCH_OUT)/order_head.json && \
 	python -P benchmarks/bench_backends.py --threads 1 --json $(BENCH_OUT)/backends.json && \
 	python -P benchmarks/bench_node.py --threads 1 --json $(BENCH_OUT)/node_tiny.json && \
 	python -P benchmarks/bench_node.py --threads 1 --model bundled --json $(BENCH_OUT)/node_demo.json
