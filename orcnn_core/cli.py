@@ -274,6 +274,16 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"orcnn-core {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        # torch's allocators raise RuntimeError ("can't allocate memory", CUDA "out of
+        # memory"); other RuntimeErrors are bugs and keep their traceback.
+        if not isinstance(exc, MemoryError) and "allocate memory" not in str(exc) \
+                and "out of memory" not in str(exc):
+            raise
+        print(f"orcnn-core {args.command}: error: out of memory ({str(exc).splitlines()[0]}"
+              f"); the image or the model's min_size / max_size is too large for this "
+              f"machine", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

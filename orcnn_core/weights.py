@@ -240,6 +240,9 @@ def largest_allocation(cfg: ModelConfig) -> tuple:
     """``(bytes, what, the config values it comes from)``: the estimated largest tensor of
     one image's inference, the biggest of
 
+    * the backbone's first feature map: min_size x max_size / 4 pixels (stride 2) x 64
+      channels (ResNet's stem; MobileNetV3's has 16), which also bounds the resized image
+      (3 channels at full size);
     * the finest feature map: min_size x max_size / 16 pixels (stride 4) x fpn_channels;
     * the proposals' box features: rpn_post_nms_top_n_test x fpn_channels x 7 x 7;
     * the detections' mask features, both heads: 2 x box_detections_per_img x
@@ -248,7 +251,10 @@ def largest_allocation(cfg: ModelConfig) -> tuple:
       overlap): D (D - 1) / 2 x fpn_channels x 7 x 7, D = box_detections_per_img;
 
     each float32. An estimate to refuse absurd configs with, not a memory budget."""
+    stem = 16 if cfg.backbone.startswith("mobilenet") else 64
     terms = [
+        (cfg.min_size * cfg.max_size // 4 * stem, "the backbone's first feature map",
+         ("min_size", "max_size")),
         (cfg.min_size * cfg.max_size // 16 * cfg.fpn_channels, "the finest feature map",
          ("min_size", "max_size", "fpn_channels")),
         (cfg.rpn_post_nms_top_n_test * cfg.fpn_channels * _BOX_ROI_SIDE ** 2,

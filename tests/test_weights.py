@@ -352,7 +352,7 @@ def test_plausible_values_that_combine_into_a_huge_allocation_are_refused(saved,
     roi = PLAUSIBLE_MAX["mask_roi_size"]
     for k, change in enumerate(({"box_detections_per_img": detections},
                                 {"mask_roi_size": roi},
-                                {"min_size": 8192, "max_size": 8192})):
+                                {"min_size": 4096, "max_size": 4096})):
         alone = _rewrite_header(path, tmp_path / f"alone{k}.safetensors", _edit_config(**change))
         assert load_weights(alone)[0] == ModelConfig.from_dict({**cfg.to_dict(), **change})
     both = _rewrite_header(path, tmp_path / "both.safetensors", _edit_config(
@@ -377,3 +377,11 @@ def test_plausible_values_that_combine_into_a_huge_allocation_are_refused(saved,
                                          r"fpn_channels 256 would need about 4\.7 GiB for "
                                          r"the proposals' box features of one image"):
         load_weights(proposals)
+    # Large frames alone: the backbone's first map (stride 2, 64 channels) of an 8192 x 8192
+    # input is 4 GiB (torch's allocator failed on it with a traceback before this check).
+    large = _rewrite_header(path, tmp_path / "large.safetensors", _edit_config(
+        min_size=8192, max_size=8192))
+    with pytest.raises(InputError, match=r"orcnn_config: min_size 8192, max_size 8192 would "
+                                         r"need about 4\.0 GiB for the backbone's first "
+                                         r"feature map of one image"):
+        load_weights(large)
