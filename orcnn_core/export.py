@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.models.detection.image_list import ImageList
 
 from orcnn_core.errors import InputError
 from orcnn_core.fileio import atomic_write_bytes
@@ -69,8 +71,14 @@ class FixedSizeORCNN(torch.nn.Module):
 
     def forward(self, image: torch.Tensor):
         m = self.model
-        images, _ = m.transform([image])
-        images.image_sizes = [self.resized_size]
+        # The transform's own resize, to the size it computes for this input (the same
+        # bilinear sampling as the eager forward), given as a constant: traced, the
+        # transform derives it from a float32 scale, and onnxruntime's rounding of that
+        # product can lose a row (e.g. 2500 x 1500 gave 319 x 191 instead of 320 x 192).
+        resized = F.interpolate(m.transform.normalize(image)[None], size=self.resized_size,
+                                mode="bilinear", align_corners=False)[0]
+        images = ImageList(m.transform.batch_images(
+            [resized], size_divisible=m.transform.size_divisible), [self.resized_size])
         features = m.backbone(images.tensors)
         proposals, _ = m.rpn(images, features)
         detections, _ = m.roi_heads(features, proposals, images.image_sizes)

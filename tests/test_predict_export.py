@@ -22,14 +22,15 @@ import torch
 
 from orcnn_core.cli import main
 from orcnn_core.data import AmodalSample, write_amodal_coco
-from orcnn_core.export import OUTPUT_NAMES, TOLERANCES, ExportCheckError, export_onnx
+from orcnn_core.export import (OUTPUT_NAMES, TOLERANCES, ExportCheckError, export_onnx,
+                               export_onnx_checked)
 from orcnn_core.masks import decode
 from orcnn_core.predictor import Predictor
 from orcnn_core.results import prediction_to_coco
 from orcnn_core.synth import check_scene, generate_dataset
 from orcnn_core.weights import build_from_file
 from helpers import assert_one_line_error
-from tiny_models import NODE_MODEL, save_tiny_model
+from tiny_models import NODE_MODEL, save_tiny_model, tiny_model
 
 torch.set_num_threads(2)
 
@@ -318,3 +319,13 @@ def test_console_script_exit_code_and_message():
     assert result.returncode == 2
     assert result.stderr.startswith("orcnn-core evaluate: error: --gt")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_exported_resize_keeps_every_row_of_awkward_sizes():
+    """Traced, the transform's resize size came from a float32 scale and onnxruntime's
+    rounding of it lost a row at 2500 x 1500 (320 x 191 instead of 320 x 192), so the
+    graph disagreed with torch and the size could not be served."""
+    model = tiny_model(min_size=240, max_size=320, box_score_thresh=0.0).eval()
+    image = (np.random.default_rng(0).random((1500, 2500, 3)) * 255).astype(np.uint8)
+    _data, report, _session = export_onnx_checked(model, 1500, 2500, check_image=image)
+    assert report.ok and report.detections_torch == report.detections_onnx > 0
