@@ -168,6 +168,20 @@ def _check_predict_paths(args, paths) -> Path:
 
 
 @contextlib.contextmanager
+def _removed_when_empty_on_failure(folder: Path):
+    """A folder this block creates (the output folder, made by the writability check) is
+    removed again when the block fails and leaves it empty: a refused run leaves nothing."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
+
+
+@contextlib.contextmanager
 def _staging(out: Path):
     """A temporary folder in ``out`` for a command's outputs, removed on exit whatever
     happens; :func:`_publish` moves its contents into place on success."""
@@ -234,15 +248,17 @@ def run_predict(args) -> int:
     moved into place only when every image succeeded: a failure leaves no output of this
     run, and the earlier run's outputs are replaced as a whole, never mixed."""
     paths = find_images(args.images)
-    out = _check_predict_paths(args, paths)
-    gt, indices = None, None
-    if args.gt is not None:
-        gt = _GroundTruth(args.gt, fmt=getattr(args, "format", "auto"))
-        indices = gt.match(paths)
-    check_decodable(paths)
-    predictor = _load_predictor(args.weights, args.device, args.score_thresh, args.backend)
-    if gt is not None:
-        gt.check_classes(predictor.config.class_names)
+    with _removed_when_empty_on_failure(Path(args.out)):
+        out = _check_predict_paths(args, paths)
+        gt, indices = None, None
+        if args.gt is not None:
+            gt = _GroundTruth(args.gt, fmt=getattr(args, "format", "auto"))
+            indices = gt.match(paths)
+        check_decodable(paths)
+        predictor = _load_predictor(args.weights, args.device, args.score_thresh,
+                                    args.backend)
+        if gt is not None:
+            gt.check_classes(predictor.config.class_names)
 
     start = time.perf_counter()
     with _staging(out) as stage:
