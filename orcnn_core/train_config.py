@@ -18,6 +18,7 @@ import yaml
 
 from orcnn_core.config import ModelConfig
 from orcnn_core.errors import InputError
+from orcnn_core.fileio import check_regular_file
 from orcnn_core.synth import CLASSES as SYNTH_CLASSES
 from orcnn_core.weights import PLAUSIBLE_MAX
 
@@ -303,6 +304,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.exists():  # a folder, FIFO or device: say what it is
+        check_regular_file(path, "--config")
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped

@@ -44,7 +44,8 @@ from orcnn_core.data import (AmodalDataset, AmodalSample, load_dataset, parse_da
 from orcnn_core.devices import resolve_device
 from orcnn_core.errors import InputError
 from orcnn_core.evaluation import evaluate_loaded
-from orcnn_core.fileio import TEMP_SUFFIX, WriteError, atomic_write_bytes, atomic_write_json
+from orcnn_core.fileio import (TEMP_SUFFIX, WriteError, atomic_write_bytes, atomic_write_json,
+                               check_regular_file)
 from orcnn_core.losses import total_loss
 from orcnn_core.modal_aug import augment
 from orcnn_core.model import build_model
@@ -486,8 +487,8 @@ def _open_checked_inputs(cfg: TrainConfig, resume: bool, out: Path, rank: int):
                                "data.train", cfg.data.format, cfg.data.annotators)
     val_scenes = open_scenes(cfg.data.val, cfg.data.val_images, cfg.data.synth_val,
                              "data.val", cfg.data.format, cfg.data.annotators)
-    if cfg.init_weights and not resume and not Path(cfg.init_weights).is_file():
-        raise InputError(f"init_weights {cfg.init_weights}: no such file")
+    if cfg.init_weights and not resume:
+        check_regular_file(cfg.init_weights, "init_weights")
     check_output_dir(out)
     if rank == 0:
         # Left behind by a run killed while writing; the real files are intact.

@@ -356,6 +356,10 @@ def test_fifos_and_folders_are_refused_where_files_are_read(
         (["predict", "--weights", work, "--images", images, "--out", work / "o"],
          "--weights", "is a directory"),
         (["evaluate", "--gt", work, "--predictions", predictions], "--gt", "is a directory"),
+        (["train", "--config", fifo, "--output-dir", work / "t"], "--config",
+         "not a regular"),
+        (["train", "--config", "synth_demo", "--output-dir", work / "t", "--set",
+          f"init_weights={fifo}"], "init_weights", "not a regular"),
     ]
     for args, *fragments in cases:
         assert_console_error(run_console(*args, timeout=120), *fragments)
