@@ -1,8 +1,12 @@
 """Small helpers shared by several test modules."""
 
+import contextlib
+import io
 import json
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 
 def logged_losses(out_dir, once=False) -> dict:
@@ -43,3 +47,29 @@ def assert_one_line_error(code, err, *fragments):
     assert len(lines) == 1 and "Traceback" not in err, err
     for fragment in fragments:
         assert str(fragment) in lines[0], err
+
+
+class IgnoringEval(COCOeval):
+    """COCOeval honouring ground-truth ``ignore`` flags given as ``flag`` (pycocotools
+    resets ``ignore`` to ``iscrowd``): what the COCOA amodal API does with ground truths
+    outside its occlusion range."""
+
+    def _prepare(self):
+        super()._prepare()
+        for gts in self._gts.values():
+            for g in gts:
+                g["ignore"] = int(g["ignore"] or g.get("flag", 0))
+
+
+def coco_segm_stats(dataset: dict, results: list, evaluator=COCOeval):
+    """pycocotools' segm ``stats`` (AP, AP50, AP75, ...) of ``results`` on the COCO
+    ``dataset`` (a dict), its printout suppressed: the independent reference."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = dataset
+        coco_gt.createIndex()
+        run = evaluator(coco_gt, coco_gt.loadRes(results), "segm")
+        run.evaluate()
+        run.accumulate()
+        run.summarize()
+    return run.stats

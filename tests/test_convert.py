@@ -2,21 +2,17 @@
 ``orcnn-core convert``, scored the same before and after, and against pycocotools on masks
 rasterised here; KINS occlusion order, COCOA annotators, training on a native file."""
 
-import contextlib
-import io
 import json
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from orcnn_core import cli, evaluation
 from orcnn_core.data import load_dataset, write_amodal_coco
 from orcnn_core.masks import encode
-from helpers import assert_one_line_error
+from helpers import IgnoringEval, assert_one_line_error, coco_segm_stats
 from tiny_models import train_config, write_train_config
 
 SIZE = 48  # images are SIZE x SIZE
@@ -164,16 +160,6 @@ def predictions(category=None, pad=0, modal=False):
     return out, ref
 
 
-class _IgnoringEval(COCOeval):
-    """COCOeval that honours ground-truth ``ignore`` flags (pycocotools resets them)."""
-
-    def _prepare(self):
-        super()._prepare()
-        for gts in self._gts.values():
-            for g in gts:
-                g["ignore"] = int(g["ignore"] or g.get("flag", 0))
-
-
 def pycocotools_ap(gt_masks, ref, which, categories, pad=0, ignore=()):
     """COCO segm AP (stats[0]) of ``ref`` detections on the canvas masks (which: 0 amodal,
     1 visible), ground truths flagged in ``ignore`` ignored as COCO ignores them."""
@@ -188,15 +174,7 @@ def pycocotools_ap(gt_masks, ref, which, categories, pad=0, ignore=()):
                                for ann_id, cat, _, amodal, visible in entries]}
     results = [{"image_id": i, "category_id": c, "score": s, "segmentation": encode(m[which])}
                for i, c, s, *m in ref]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = dataset
-        coco_gt.createIndex()
-        run = _IgnoringEval(coco_gt, coco_gt.loadRes(results), "segm")
-        run.evaluate()
-        run.accumulate()
-        run.summarize()
-    return run.stats[0]
+    return coco_segm_stats(dataset, results, IgnoringEval)[0]
 
 
 def write(path, obj):

@@ -1,7 +1,5 @@
 """Amodal metrics (orcnn_core.evaluation) against pycocotools and hand-computed cases."""
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -10,12 +8,11 @@ import time
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from orcnn_core import cli, evaluation
 from orcnn_core.data import derive_relations, parse_dataset
 from orcnn_core.masks import encode
+from helpers import IgnoringEval, coco_segm_stats
 
 #: COCO's 101 recall thresholds: precision 1 up to recall 0.5, then nothing, gives 51/101.
 HALF = 51 / 101
@@ -140,15 +137,7 @@ def pycocotools_stats(ref, images, which):
     results = [{"image_id": image_id, "category_id": category, "score": score,
                 "segmentation": encode((det_a, det_v)[which])}
                for image_id, category, score, det_a, det_v in ref["dt"]]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = dataset
-        coco_gt.createIndex()
-        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), "segm")
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    return coco_eval.stats[:6]
+    return coco_segm_stats(dataset, results)[:6]
 
 
 # ----------------------------------------------------------------------------------------
@@ -602,17 +591,6 @@ def test_published_order_from_order_entries_and_from_masks():
 # The occluded evaluation against pycocotools; relations from masks at scale
 
 
-class _IgnoringEval(COCOeval):
-    """COCOeval honouring ground-truth ``ignore`` flags (pycocotools resets them to
-    ``iscrowd``): what the COCOA amodal API does with GTs outside its occlusion range."""
-
-    def _prepare(self):
-        super()._prepare()
-        for gts in self._gts.values():
-            for g in gts:
-                g["ignore"] = int(g["ignore"] or g["flag"])
-
-
 @pytest.mark.parametrize("seed", [1, 3])
 def test_occluded_ap_equals_pycocotools_with_non_occluded_gts_ignored(seed):
     gt, predictions, ref = random_case(seed)
@@ -632,15 +610,8 @@ def test_occluded_ap_equals_pycocotools_with_non_occluded_gts_ignored(seed):
                                    in ref["gt"]]}
         results = [{"image_id": i, "category_id": c, "score": s,
                     "segmentation": encode((a, v)[which])} for i, c, s, a, v in ref["dt"]]
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO()
-            coco_gt.dataset = dataset
-            coco_gt.createIndex()
-            run = _IgnoringEval(coco_gt, coco_gt.loadRes(results), "segm")
-            run.evaluate()
-            run.accumulate()
-            run.summarize()
-        assert abs(metrics[f"AP_{kind}"] - run.stats[0]) <= 1e-4, kind
+        reference = coco_segm_stats(dataset, results, IgnoringEval)[0]
+        assert abs(metrics[f"AP_{kind}"] - reference) <= 1e-4, kind
 
 
 def test_relations_from_masks_of_4000_small_objects_take_seconds():
