@@ -10,7 +10,10 @@ same rule (orcnn_core.order_metrics), plus the amodal AP of the same scenes.
 validation seed; never tune on the seed you report). ``--rules`` scores the same detections
 with each way of deciding the order (a table row each): ``hard`` on the thresholded label
 crops, ``soft`` on the mask probabilities, ``head`` on the order head's probabilities (for
-a model with an order head; the node's default then).
+a model with an order head; the node's default then). ``--errors`` lists the relations the
+masks show between two matched objects that the published graph misses, ``undecided`` (no
+edge either way) or ``reversed``, with the evidence both ways, the overlap the ground-truth
+masks show, and whether the lower object's amodal box reaches the upper one's visible mask.
 """
 
 import argparse
@@ -28,6 +31,7 @@ from orcnn_core.evaluation import evaluate_loaded
 from orcnn_core.occlusion import (MIN_CONFIDENCE, MIN_OVERLAP_PIXELS, MIN_OVERLAP_RATIO,
                                   PRIOR_PIXELS, edge_confidence, occlusion_graph,
                                   pair_evidence)
+from orcnn_core.prediction import VISIBLE
 from orcnn_core.predictor import Predictor
 from orcnn_core.results import prediction_to_coco
 from orcnn_core.synth import SynthConfig, generate_samples
@@ -66,12 +70,18 @@ def score(records, params: dict, use_gt_masks: bool) -> dict:
 AVERAGED_MIN_CONFIDENCE = 0.3
 
 
-def soft_confidence(prediction) -> np.ndarray:
-    """float [N, N]: the soft rule's P(i lies on j)."""
-    n = len(prediction)
-    pairs, evidence = pair_evidence(prediction.rois, prediction.crops, prediction.probs)
+def evidence_table(prediction, probs=None) -> np.ndarray:
+    """float [N, N]: entry (i, j) the evidence that instance i lies on instance j."""
+    n = len(prediction.crops)
+    pairs, evidence = pair_evidence(prediction.rois, prediction.crops, probs)
     table = np.zeros((n, n))
     table[pairs[:, 0], pairs[:, 1]] = evidence
+    return table
+
+
+def soft_confidence(prediction) -> np.ndarray:
+    """float [N, N]: the soft rule's P(i lies on j)."""
+    table = evidence_table(prediction, prediction.probs)
     return edge_confidence(table, table.T)
 
 
@@ -102,6 +112,54 @@ def rules_table(records, params: dict, has_head: bool) -> list:
     return rows
 
 
+def visible_in_box(prediction, upper: int, lower: int) -> int:
+    """Visible pixels (labels) of ``upper`` inside the amodal box (roi) of ``lower``."""
+    (xu, yu, _, _), (xl, yl, wl, hl) = prediction.rois[upper], prediction.rois[lower]
+    crop = np.asarray(prediction.crops[upper])
+    window = crop[max(yl - yu, 0):max(yl + hl - yu, 0), max(xl - xu, 0):max(xl + wl - xu, 0)]
+    return int(np.count_nonzero(window == VISIBLE))
+
+
+def missed_relations(records) -> list:
+    """One row per relation the ground-truth masks show between two matched objects that the
+    published graph (default thresholds) does not have in its direction."""
+    rows = []
+    for image, (prediction, _entries, match, relations, shown, gt_prediction) in \
+            enumerate(records):
+        graph = occlusion_graph(prediction)
+        published = {tuple(e) for e in graph.edges.tolist()}
+        detection = {int(g): i for i, g in enumerate(match.tolist()) if g >= 0}
+        evidence = evidence_table(prediction, prediction.probs)
+        gt_overlap = evidence_table(gt_prediction)
+        for upper, lower in sorted({tuple(r) for r in relations} & {tuple(r) for r in shown}):
+            a, b = detection.get(upper), detection.get(lower)
+            if a is None or b is None or (a, b) in published:
+                continue
+            rows.append({"image": image, "upper": a, "lower": b,
+                         "kind": "reversed" if (b, a) in published else "undecided",
+                         "evidence_up": evidence[a, b], "evidence_down": evidence[b, a],
+                         "gt_overlap": int(gt_overlap[upper, lower]),
+                         "upper_visible_in_lower_box": visible_in_box(prediction, a, b)})
+    return rows
+
+
+def errors_table(rows: list) -> list:
+    """Markdown rows: the missed relations by kind, with medians."""
+    lines = ["| missed as | relations | median e(upper, lower) | median e(lower, upper) | "
+             "median overlap (GT masks) | lower box misses upper visible |",
+             "|---|---|---|---|---|---|"]
+    for kind in ("undecided", "reversed"):
+        group = [r for r in rows if r["kind"] == kind]
+        if not group:
+            continue
+        medians = [np.median([r[k] for r in group])
+                   for k in ("evidence_up", "evidence_down", "gt_overlap")]
+        misses = sum(r["upper_visible_in_lower_box"] == 0 for r in group)
+        lines.append(f"| {kind} | {len(group)} | {medians[0]:.1f} | {medians[1]:.1f} | "
+                     f"{medians[2]:.0f} | {misses} |")
+    return lines
+
+
 def grid(records, priors, confidences, pixels) -> list:
     rows = []
     for prior, conf, px in itertools.product(priors, confidences, pixels):
@@ -123,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", action="store_true", help="score a grid of thresholds")
     parser.add_argument("--rules", action="store_true",
                         help="score the same detections with each order rule (a table)")
+    parser.add_argument("--errors", action="store_true",
+                        help="list the shown relations the published graph misses")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     predictor = Predictor.from_file(args.weights, device="cpu",
@@ -157,7 +217,11 @@ def main(argv=None) -> int:
                   f"{g['pair_accuracy']:.3f} first {g['first_pick_free']:.3f}")
     if args.rules:
         print("\n".join(rules_table(records, defaults, predictor.config.order_head)))
-    print(json.dumps({k: v for k, v in figures.items() if k != "grid"}, indent=1))
+    if args.errors:
+        figures["missed_relations"] = missed_relations(records)
+        print("\n".join(errors_table(figures["missed_relations"])))
+    print(json.dumps({k: v for k, v in figures.items()
+                      if k not in ("grid", "missed_relations")}, indent=1))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(figures, f, indent=1)
