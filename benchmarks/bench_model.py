@@ -2,7 +2,9 @@
 
 Both models get the same backbone, image size, proposal counts, heads and (copied) weights,
 so they find the same detections; ORCNN differs by its second (visible) mask head, the
-occlusion logits and its losses. Mask R-CNN is stock torchvision: its inference pastes every
+occlusion logits and its losses. A third row is ORCNN whose visible head shares the amodal
+head's four convolutions (``visible_head_shared_convs: 4``; its own deconvolution and
+predictor only). Mask R-CNN is stock torchvision: its inference pastes every
 mask into the full image. ORCNN's forward returns 28 x 28 logits per box and its Predictor
 (also timed) turns them into label crops over each amodal box. In eval mode ORCNN keeps its
 convolution weights channels-last on the CPU (see ``ORCNN.train``); the stock Mask R-CNN
@@ -20,7 +22,7 @@ Rows: CPU float32 always; with a CUDA device also CUDA float32 and float16 / bfl
 (``torch.autocast``, training with a GradScaler for float16). Without a CUDA device the
 CUDA rows are printed as "not measured". Times are medians of ``--reps`` repetitions after
 ``--warmup`` untimed ones; the repetitions alternate between the models so that load from
-other processes hits both alike; ratios are ORCNN / Mask R-CNN. Peak memory: on the CPU each
+other processes hits both alike; ratios are each model / Mask R-CNN. Peak memory: on the CPU each
 model runs in a fresh process whose peak resident set (VmHWM, the ru_maxrss of the address
 space) is reset after set-up, so it counts what one inference or training step adds to the
 loaded model, allocator caches and oneDNN scratch buffers included (torch.profiler's
@@ -76,7 +78,7 @@ from torchvision.models.detection.mask_rcnn import (  # noqa: E402
     MaskRCNNHeads, MaskRCNNPredictor)
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
-from orcnn_core.config import BACKBONES, ModelConfig  # noqa: E402
+from orcnn_core.config import BACKBONES, MASK_HEAD_CONVS, ModelConfig  # noqa: E402
 from orcnn_core.errors import InputError  # noqa: E402
 from orcnn_core.fileio import atomic_write_json  # noqa: E402
 from orcnn_core.model import build_backbone, build_model, roi_feature_names  # noqa: E402
@@ -88,7 +90,10 @@ from orcnn_core.predictor import Predictor  # noqa: E402
 ANCHORS = {5: (16, 32, 64, 128, 256), 3: (32, 64, 128)}
 #: Precision name -> autocast dtype (None: plain float32).
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-MODELS = ("Mask R-CNN", "ORCNN")
+#: The shared-trunk ORCNN row: ``visible_head_shared_convs`` = all of the mask head's
+#: convolutions (the visible head keeps its own deconvolution and predictor).
+SHARED = "ORCNN, shared mask trunk"
+MODELS = ("Mask R-CNN", "ORCNN", SHARED)
 
 
 def bench_config(backbone, preset, width, height, detections, rpn_pre, rpn_post):
@@ -192,21 +197,33 @@ def autocast(device, precision):
 
 
 def setup(backbone, args, device, names=MODELS):
-    """Image (numpy), its tensor and ``{name: (model, target)}`` for the named models. With
-    both, Mask R-CNN gets ORCNN's weights; alone, each is initialised from the same seed."""
+    """Image (numpy), its tensor and ``{name: (model, target)}`` for the named models. All
+    get ORCNN's weights (Mask R-CNN its amodal head as the mask head, the shared-trunk ORCNN
+    all but the visible head's convolutions), from the same seed."""
     width, height = args.size
     cfg = bench_config(backbone, args.preset, width, height, args.detections, args.rpn_pre,
                        args.rpn_post)
     torch.manual_seed(0)
-    orcnn = build_model(cfg) if "ORCNN" in names else None
-    mrcnn = build_maskrcnn(cfg, orcnn) if "Mask R-CNN" in names else None
+    orcnn = build_model(cfg)
     image, target = synthetic_sample(width, height, np.random.default_rng(0))
     x = torch.from_numpy(image).permute(2, 0, 1).float().div(255).to(device)
     orcnn_target = {k: v.to(device) for k, v in target.items()}
     mrcnn_target = {"boxes": orcnn_target["boxes"], "labels": orcnn_target["labels"],
                     "masks": orcnn_target["amodal_masks"]}
-    models = {"Mask R-CNN": (mrcnn, mrcnn_target), "ORCNN": (orcnn, orcnn_target)}
-    return image, x, {name: (models[name][0].to(device), models[name][1]) for name in names}
+    builders = {"Mask R-CNN": lambda: (build_maskrcnn(cfg, orcnn), mrcnn_target),
+                "ORCNN": lambda: (orcnn, orcnn_target),
+                SHARED: lambda: (shared_trunk_orcnn(cfg, orcnn), orcnn_target)}
+    models = {name: builders[name]() for name in names}
+    return image, x, {name: (model.to(device), t) for name, (model, t) in models.items()}
+
+
+def shared_trunk_orcnn(cfg: ModelConfig, orcnn):
+    """ORCNN whose visible head shares all of the amodal head's convolutions
+    (``visible_head_shared_convs``), with ``orcnn``'s weights for every layer it has."""
+    model = build_model(cfg.replace(visible_head_shared_convs=MASK_HEAD_CONVS))
+    keys = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in orcnn.state_dict().items() if k in keys})
+    return model
 
 
 def inference_fn(model, x, device, precision):
@@ -285,7 +302,7 @@ def bench_backbone(backbone, args, device, precision):
     """Rows (one per model) for one backbone, device and precision."""
     image, x, models = setup(backbone, args, device)
 
-    # Inference: the two forwards and ORCNN's Predictor (image -> label crops).
+    # Inference: the forwards and ORCNN's Predictor (image -> label crops).
     predictor = Predictor(models["ORCNN"][0], device=device)
     infer = [inference_fn(model, x, device, precision) for model, _ in models.values()]
     detections = {name: len(fn()[0]["boxes"]) for name, fn in zip(MODELS, infer)}
@@ -293,18 +310,17 @@ def bench_backbone(backbone, args, device, precision):
     def predict():
         with autocast(device, precision):
             predictor(image)
-    infer_mr, infer_or, pred = median_ms(infer + [predict], args.reps, args.warmup, device)
+    *infer_ms, pred_ms = median_ms(infer + [predict], args.reps, args.warmup, device)
     infer_peak = [cuda_peak_mb(fn) if device.type == "cuda" else None for fn in infer]
 
     # One training step each (forward, backward, SGD update).
     steps = [train_step_fn(model, x, target, device, precision)
              for model, target in models.values()]
-    train_mr, train_or = median_ms(steps, args.reps, args.warmup, device)
+    train_ms = median_ms(steps, args.reps, args.warmup, device)
     train_peak = [cuda_peak_mb(fn) if device.type == "cuda" else None for fn in steps]
 
     rows = []
-    for i, (name, infer_ms, pred_ms, train_ms) in enumerate(
-            (("Mask R-CNN", infer_mr, None, train_mr), ("ORCNN", infer_or, pred, train_or))):
+    for i, name in enumerate(MODELS):
         if device.type == "cpu" and args.memory:
             cpu_infer = cpu_peak_mb(backbone, args, name, "inference")
             cpu_train = cpu_peak_mb(backbone, args, name, "train")
@@ -320,19 +336,20 @@ def bench_backbone(backbone, args, device, precision):
             "model": name, "backbone": backbone, "preset": args.preset,
             "image": f"{args.size[0]}x{args.size[1]}", "detections": detections[name],
             "device": device.type, "precision": precision, "measured": True,
-            "inference_ms": infer_ms[0], "inference_min_ms": infer_ms[1],
-            "predictor_ms": pred_ms[0] if pred_ms else None,
-            "train_step_ms": train_ms[0], "train_step_min_ms": train_ms[1],
+            "inference_ms": infer_ms[i][0], "inference_min_ms": infer_ms[i][1],
+            "predictor_ms": pred_ms[0] if name == "ORCNN" else None,
+            "train_step_ms": train_ms[i][0], "train_step_min_ms": train_ms[i][1],
             "params_m": sum(p.numel() for p in models[name][0].parameters()) / 1e6,
             "inference_peak_mb": infer_peak[i], "train_peak_mb": train_peak[i],
-            "inference_ratio": infer_ms[0] / infer_mr[0], "train_ratio": train_ms[0] / train_mr[0],
+            "inference_ratio": infer_ms[i][0] / infer_ms[0][0],
+            "train_ratio": train_ms[i][0] / train_ms[0][0],
             **extra,
         })
     return rows
 
 
 def not_measured(backbone, args, precision, reason):
-    """One row standing for both models of a configuration that was not run."""
+    """One row standing for all models of a configuration that was not run."""
     return [{"model": " / ".join(MODELS), "backbone": backbone, "preset": args.preset,
              "image": f"{args.size[0]}x{args.size[1]}", "device": "cuda",
              "precision": precision, "measured": False, "reason": reason}]

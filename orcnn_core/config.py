@@ -37,6 +37,9 @@ BACKBONES = ("resnet50_fpn", "resnet101_fpn", "resnet18_fpn", "mobilenet_v3_fpn"
 BACKBONE_NORMS = ("frozen_bn", "bn")
 
 #: Number of feature maps each backbone gives the RPN (one anchor size per map).
+#: Convolutions of each mask head before its deconvolution (Mask R-CNN's head).
+MASK_HEAD_CONVS = 4
+
 NUM_FEATURE_MAPS = {
     "resnet50_fpn": 5,
     "resnet101_fpn": 5,
@@ -59,8 +62,13 @@ class ModelConfig:
     trainable_backbone_layers: int = 3  # 0..5 (resnet) / 0..6 (mobilenet), from the top
     fpn_channels: int = 256
     box_head_dim: int = 1024  # width of the two fully connected box-head layers
-    mask_head_channels: int = 256  # width of the 4 conv + deconv layers of each mask head
+    mask_head_channels: int = 256  # width of the conv + deconv layers of each mask head
     mask_roi_size: int = 14  # RoIAlign output for the mask heads; masks are 2x this (28)
+    # The visible head's first k of its 4 convolutions are the amodal head's own (one
+    # shared trunk, then a branch each). 0: two separate heads, as in the paper; 4: the
+    # heads share every convolution and differ only in their deconvolution and predictor,
+    # about Mask R-CNN's cost (docs/performance.md).
+    visible_head_shared_convs: int = 0
     # Pairwise occlusion-order head: for pairs of RoIs whose boxes overlap, P(A lies on B),
     # P(B lies on A), P(neither) from the features of their union box and both soft masks;
     # trained on the data's occlusion relations (an extra loss). Off: the order is decided
@@ -228,6 +236,7 @@ class ModelConfig:
         for name in ("class_agnostic_masks", "order_head"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
+        check_int("visible_head_shared_convs", 0, MASK_HEAD_CONVS)
         check_int("trainable_backbone_layers", 0, 6 if self.backbone.startswith("mobilenet")
                   else 5)
         for name in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_roi_size",

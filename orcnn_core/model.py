@@ -43,7 +43,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from orcnn_core.config import ModelConfig
+from orcnn_core.config import MASK_HEAD_CONVS, ModelConfig
 from orcnn_core.errors import InputError
 from orcnn_core.losses import (
     invisible_target,
@@ -269,13 +269,15 @@ class ORCNNRoIHeads(RoIHeads):
     The amodal and the visible mask head run on the same RoIAlign features of the same boxes.
     ``visible_mask_head`` is None for the ``amodal_mrcnn`` variant. With ``independent``, the
     visible head sees detached RoI features and the occlusion logits detached amodal logits,
-    so L_VM and L_IVM train the visible head only.
+    so L_VM and L_IVM train the visible head only. With ``shared_mask_convs`` k > 0 the
+    visible head continues from the output of the amodal head's first k layers (its own
+    layers are the remaining ones).
     """
 
     def __init__(self, *args, mask_roi_pool, amodal_mask_head, amodal_mask_predictor,
                  visible_mask_head=None, visible_mask_predictor=None,
                  mask_losses=("loss_amodal_mask",), independent=False, box_clip_margin=0.5,
-                 order_head=None, order_pairs_per_image=64, **kwargs):
+                 order_head=None, order_pairs_per_image=64, shared_mask_convs=0, **kwargs):
         # mask_head/mask_predictor stay None in the base class: its Mask R-CNN path (and its
         # check for a "masks" target) is unused; the mask heads below replace it.
         super().__init__(*args, mask_roi_pool=mask_roi_pool, **kwargs)
@@ -288,12 +290,22 @@ class ORCNNRoIHeads(RoIHeads):
         self.box_clip_margin = box_clip_margin
         self.order_head = order_head
         self.order_pairs_per_image = order_pairs_per_image
+        self.shared_mask_convs = shared_mask_convs
 
     def mask_logits(self, features, boxes, image_shapes):
         """Amodal and visible logits [R, C, M, M] of the boxes (visible is None for
         amodal_mrcnn)."""
         roi_features = self.mask_roi_pool(features, boxes, image_shapes)
-        amodal = self.amodal_mask_predictor(self.amodal_mask_head(roi_features))
+        if self.shared_mask_convs:
+            amodal_layers = list(self.amodal_mask_head)
+            for layer in amodal_layers[:self.shared_mask_convs]:
+                roi_features = layer(roi_features)
+            amodal_features = roi_features
+            for layer in amodal_layers[self.shared_mask_convs:]:
+                amodal_features = layer(amodal_features)
+        else:
+            amodal_features = self.amodal_mask_head(roi_features)
+        amodal = self.amodal_mask_predictor(amodal_features)
         if self.visible_mask_head is None:
             return amodal, None
         if self.independent:
@@ -495,7 +507,15 @@ class ORCNN(GeneralizedRCNN):
         width = cfg.mask_head_channels
 
         def mask_head():
-            return MaskRCNNHeads(channels, (width,) * 4, 1)
+            return MaskRCNNHeads(channels, (width,) * MASK_HEAD_CONVS, 1)
+
+        def visible_mask_head():
+            if not cfg.has_visible_head:
+                return None
+            if not cfg.visible_head_shared_convs:
+                return mask_head()
+            # Its own layers only: the first ones are the amodal head's (shared trunk).
+            return nn.Sequential(*list(mask_head())[cfg.visible_head_shared_convs:])
 
         def mask_predictor():
             return MaskRCNNPredictor(width, width, cfg.mask_classes)
@@ -512,7 +532,7 @@ class ORCNN(GeneralizedRCNN):
                                              output_size=cfg.mask_roi_size, sampling_ratio=2),
             amodal_mask_head=mask_head(),
             amodal_mask_predictor=mask_predictor(),
-            visible_mask_head=mask_head() if cfg.has_visible_head else None,
+            visible_mask_head=visible_mask_head(),
             visible_mask_predictor=mask_predictor() if cfg.has_visible_head else None,
             mask_losses=cfg.mask_losses,
             independent=cfg.variant == "orcnn_independent",
@@ -520,6 +540,7 @@ class ORCNN(GeneralizedRCNN):
             order_head=PairOrderHead(channels, cfg.order_head_channels, 7) if cfg.order_head
             else None,
             order_pairs_per_image=cfg.order_pairs_per_image,
+            shared_mask_convs=cfg.visible_head_shared_convs if cfg.has_visible_head else 0,
         )
         transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size,
                                              list(cfg.image_mean), list(cfg.image_std))

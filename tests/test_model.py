@@ -8,6 +8,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from orcnn_core.config import VARIANTS, ModelConfig
 from orcnn_core.errors import InputError
 from orcnn_core.model import build_model, image_mask_targets, project_masks_on_boxes
+from orcnn_core.weights import build_from_file, save_weights
 from tiny_models import tiny_config, tiny_model
 
 ALL_MASK_LOSSES = {"loss_amodal_mask", "loss_visible_mask", "loss_invisible_mask"}
@@ -115,6 +116,43 @@ def test_orcnn_visible_and_invisible_losses_reach_shared_features():
     model, losses = train_losses(tiny_config(variant="orcnn_no_visible_loss"))
     grads = _grads(losses["loss_invisible_mask"], _param_groups(model)["visible head"])
     assert any(torch.count_nonzero(g) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("shared", [2, 4])
+def test_shared_mask_trunk_feeds_both_heads(shared, tmp_path):
+    separate = build_model(tiny_config())
+    torch.manual_seed(0)
+    model = build_model(tiny_config(visible_head_shared_convs=shared))
+    rh = model.roi_heads
+    trunk_size = sum(p.numel() for layer in list(rh.amodal_mask_head)[:shared]
+                     for p in layer.parameters())
+    assert sum(p.numel() for p in separate.parameters()) \
+        - sum(p.numel() for p in model.parameters()) == trunk_size
+    assert len(rh.visible_mask_head) == 4 - shared
+    # Reference: the amodal head's first layers, then each branch, composed by hand.
+    model.eval()
+    features = {"0": torch.rand(1, model.backbone.out_channels, 16, 16)}
+    boxes, shapes = [torch.tensor([[1.0, 2.0, 40.0, 50.0]])], [(64, 64)]
+    with torch.no_grad():
+        amodal, visible = rh.mask_logits(features, boxes, shapes)
+        trunk = rh.mask_roi_pool(features, boxes, shapes)
+        for layer in list(rh.amodal_mask_head)[:shared]:
+            trunk = layer(trunk)
+        branch = trunk
+        for layer in list(rh.amodal_mask_head)[shared:]:
+            branch = layer(branch)
+        assert torch.equal(amodal, rh.amodal_mask_predictor(branch))
+        assert torch.equal(visible, rh.visible_mask_predictor(rh.visible_mask_head(trunk)))
+    # Both visible losses train the shared layers (they are the amodal head's first ones).
+    model.train()
+    losses = model(*zip(sample()))
+    vis_inv = losses["loss_visible_mask"] + losses["loss_invisible_mask"]
+    trunk_params = [p for layer in list(rh.amodal_mask_head)[:shared] for p in layer.parameters()]
+    assert all(torch.count_nonzero(g) > 0 for g in _grads(vis_inv, trunk_params))
+    # A weights file rebuilds the same layout.
+    rebuilt = build_from_file(save_weights(model, model.config, tmp_path / "shared.safetensors"))
+    assert rebuilt.config.visible_head_shared_convs == shared
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
 
 
 # ------------------------------------------------------------------------------ shapes
