@@ -17,11 +17,12 @@ frame at little model cost, so the node's own work (occlusion graph, message) we
 result ready, minus the model (``inference_ms`` includes the label and probability crops):
 what the node adds (conversion, occlusion graph and pick order, message).
 
-1. Previous version as peer (``--previous``, default commit 7a11404; ``none`` skips it): the
+1. Previous version as peer (``--previous``, default commit 699be7f; ``none`` skips it): the
    node of that commit (``git archive`` into a temporary folder, run on the message package
-   built here, so the message definitions must be the same) and this checkout's node, both
-   with score threshold 0 and ``max_instances`` each of ``--instances`` (5, 20, 50), take
-   turns frame by frame (``--frames`` each): p50 / p95 of the node overhead of both.
+   built here, so the message definitions must be the same, and it must read the model
+   file) and this checkout's node, both with score threshold 0 and ``max_instances`` each
+   of ``--instances`` (5, 20, 50), take turns frame by frame (``--frames`` each): p50 / p95
+   of the node overhead of both.
 2. One frame at a time (``--frames``; 320 x 240 rgb8, reliable), this node alone: per frame
    the round trip (sent -> answer received), ``latency_ms`` and ``inference_ms``, with
    ``--max-instances`` instances per frame (score threshold 0), then with none (score
@@ -59,8 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE_TOPIC = "/bench/image"
 PREVIOUS_TOPICS = ("/bench/previous/image", "/bench/previous/amodal_instances")
 DIAGNOSTICS_PERIOD = 0.25
-#: The code before the faster per-frame path (pair evidence on views, one mask buffer).
-PREVIOUS = "7a11404"
+#: The code just before the faster per-frame path of d96f66b (pair evidence on views, one
+#: mask buffer). 7a11404, an older peer, cannot read the bundled model's order-head settings.
+PREVIOUS = "699be7f"
 
 
 def model_file(name: str):
@@ -459,8 +461,12 @@ def wait_for_nodes(client, peers: dict, logs: dict) -> None:
         try:
             client.spin_until(lambda: client.ready(target), 120, f"{label} node coming up",
                               proc)
-        except SystemExit:
+        except SystemExit as exc:
             print(logs[label].read_text(), file=sys.stderr)
+            if label == "previous":  # e.g. a model file newer than that version reads
+                raise SystemExit(f"{exc}; the previous version's node did not come up (its "
+                                 f"log is above): pass --previous with a newer commit, or "
+                                 f"--previous none") from None
             raise
 
 

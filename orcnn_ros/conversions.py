@@ -10,7 +10,8 @@
   decoding.
   The conversion itself is the ROS distribution's ``cv_bridge`` when it is importable, else
   ``rosbags-image`` (pure Python; the PyPI package called ``cv-bridge`` is not ROS's and
-  does not work).
+  does not work); packed rgb8 and bgr8 frames, the model's input as they are, are a view of
+  the message's bytes without either.
 * :func:`select_instances`, :func:`instance_array_msg`: a Prediction and its occlusion graph
   -> ``orcnn_ros/AmodalInstanceArray``.
 * :class:`PipelineStats` and :func:`diagnostics_msg`: counters and timings -> /diagnostics.
@@ -112,6 +113,12 @@ def check_image(msg) -> int:
     return row
 
 
+def _row_bytes(msg) -> int:
+    """Bytes per row without padding of an Image that passed :func:`check_image`."""
+    channels, depth = ENCODINGS[msg.encoding]
+    return int(msg.width) * channels * depth
+
+
 def _limit_text(problem) -> str:
     """An :func:`orcnn_core.imageio.size_problem` result as text, with the variable that
     raises the limit."""
@@ -137,18 +144,23 @@ def _target_encoding(encoding: str) -> str:
         encoding, "rgb8")
 
 
-def image_to_array(msg, color_order: str = "auto"):
+def image_to_array(msg, color_order: str = "auto", checked: bool = False):
     """sensor_msgs/Image -> ``(H x W x 3 uint8 array, "rgb" | "bgr")``.
 
     rgba8/bgra8 lose alpha; mono8 is replicated to 3 channels; mono16 is scaled linearly
     from 0..65535 to 0..255 (the cv_bridge convention). The array may share memory with the
-    message. Raises ValueError for a malformed or unsupported frame.
+    message. Raises ValueError for a malformed or unsupported frame. ``checked``: ``msg``
+    has passed :func:`check_image` already (its checks are not repeated).
     """
     _check_color_order(color_order)
-    row = check_image(msg)
+    row = _row_bytes(msg) if checked else check_image(msg)
     target = _target_encoding(msg.encoding)
     try:
-        if _BRIDGE is not None:
+        if target == msg.encoding and row == int(msg.step):
+            # Packed rgb8 / bgr8 is the model's input as it is: a view of the bytes, as
+            # either library returns it, without their per-call work (most of a 0.1 ms).
+            array = np.frombuffer(msg.data, np.uint8).reshape(int(msg.height), -1, 3)
+        elif _BRIDGE is not None:
             array = _BRIDGE.imgmsg_to_cv2(msg, desired_encoding=target)
         else:
             from rosbags.image import image_to_cvimage
@@ -250,14 +262,16 @@ def check_message(msg) -> None:
         check_image(msg)
 
 
-def compressed_to_array(msg, color_order: str = "auto"):
+def compressed_to_array(msg, color_order: str = "auto", checked: bool = False):
     """sensor_msgs/CompressedImage (jpeg, png) -> ``(H x W x 3 uint8, order)``.
 
     Raises ValueError when the data fails :func:`check_compressed` or cannot be decoded.
+    ``checked``: ``msg`` has passed :func:`check_compressed` already (not repeated).
     """
     _check_color_order(color_order)
     data = msg.data
-    check_compressed(msg)
+    if not checked:
+        check_compressed(msg)
     try:
         if _BRIDGE is not None:
             array = _BRIDGE.compressed_imgmsg_to_cv2(msg, desired_encoding="passthrough")
@@ -285,11 +299,13 @@ def compressed_to_array(msg, color_order: str = "auto"):
     return array, ("bgr" if color_order == "auto" else color_order)
 
 
-def message_to_array(msg, color_order: str = "auto"):
-    """Image or CompressedImage (told apart by the ``format`` field) -> (array, order)."""
+def message_to_array(msg, color_order: str = "auto", checked: bool = False):
+    """Image or CompressedImage (told apart by the ``format`` field) -> (array, order).
+    ``checked``: ``msg`` has passed :func:`check_message` already (a subscription callback
+    that checks every frame): its checks are not repeated."""
     if hasattr(msg, "format"):
-        return compressed_to_array(msg, color_order)
-    return image_to_array(msg, color_order)
+        return compressed_to_array(msg, color_order, checked)
+    return image_to_array(msg, color_order, checked)
 
 
 def array_to_image_msg(array: np.ndarray, encoding: str, header=None) -> Image:
@@ -309,6 +325,12 @@ def select_instances(prediction, score_threshold: float, max_instances: int):
     """The instances scoring at least ``score_threshold``, best first, at most
     ``max_instances`` of them (a new Prediction; the input is not changed)."""
     scores = np.asarray(prediction.scores)
+    # Already best first and within both limits (the Predictor's output as a rule): plain
+    # Python comparisons of tens of numbers cost less than the numpy calls below.
+    values = scores.tolist()
+    if len(values) <= max_instances and all(a >= b for a, b in zip(values, values[1:])) \
+            and bool((scores >= score_threshold).all()):
+        return prediction
     order = np.argsort(-scores, kind="stable")
     order = order[scores[order] >= score_threshold][:max(int(max_instances), 0)]
     if len(order) == len(scores) and np.array_equal(order, np.arange(len(scores))):
@@ -326,42 +348,99 @@ def instance_array_msg(prediction, graph, header, model_name: str = "",
                               model_name=model_name, inference_ms=float(inference_ms),
                               latency_ms=float(latency_ms), has_cycle=bool(graph.has_cycle))
     # Plain Python numbers once per array: indexing numpy arrays per field costs more.
-    columns = zip(prediction.rois.tolist(), prediction.labels.tolist(),
-                  prediction.class_names, prediction.scores.tolist(),
-                  prediction.amodal_areas.tolist(), prediction.visible_areas.tolist(),
-                  prediction.occlusion_ratios.tolist(), prediction.truncated.tolist(),
-                  graph.layers.tolist(), graph.free_probability.tolist())
-    # Every mask from one buffer of all crops: one numpy call per frame instead of a
-    # conversion per crop; each mask then copies its slice (array.frombytes, one memcpy).
-    crops = [np.asarray(c, np.uint8).reshape(-1) for c in prediction.crops]
-    masks = memoryview(np.concatenate(crops or [np.zeros(0, np.uint8)]))
-    ends = np.cumsum([c.size for c in crops]).tolist()
+    rows = zip(prediction.rois.tolist(), prediction.labels.tolist(),
+               prediction.class_names, prediction.scores.tolist(),
+               prediction.amodal_areas.tolist(), prediction.visible_areas.tolist(),
+               prediction.occlusion_ratios.tolist(), prediction.truncated.tolist(),
+               graph.layers.tolist(), graph.free_probability.tolist())
     instances = []
-    for i, ((x, y, w, h), label, name, score, amodal, visible, ratio, truncated,
-            layer, free) in enumerate(columns):
-        instance = AmodalInstance(
-            id=i, class_id=label, class_name=name, score=score, roi_x=x, roi_y=y,
-            roi_width=w, roi_height=h, amodal_area=amodal, visible_area=visible,
-            occlusion_ratio=ratio, truncated=truncated, layer=layer, free_probability=free)
-        # The mask fills the Image the constructor made anyway (a second one would cost
-        # as much again); array('B') is the fast path of uint8[] (one copy, no per-pixel
-        # check even with ROS_PYTHON_CHECK_FIELDS=1).
-        mask = instance.mask
-        mask.header = header
-        mask.height, mask.width, mask.step = h, w, w
-        mask.encoding = "mono8"
+    for i, (row, crop) in enumerate(zip(rows, prediction.crops)):
+        # array('B'), what the uint8[] setter stores, filled by one memcpy from the crop
+        # (ascontiguousarray returns the Predictor's crops as they are).
         data = array("B")
-        data.frombytes(masks[ends[i - 1] if i else 0:ends[i]])
-        mask.data = data
-        instances.append(instance)
+        data.frombytes(np.ascontiguousarray(crop, np.uint8))
+        instances.append(_instance_msg(i, row, header, data))
     out.instances = instances
-    out.edges = [OcclusionEdge(occluder=a, occludee=b, overlap_pixels=p, overlap_ratio=r,
-                               confidence=c)
+    out.edges = [_edge_msg(a, b, p, r, c)
                  for (a, b), p, r, c in zip(graph.edges.tolist(), graph.overlap_pixels.tolist(),
                                             graph.overlap_ratio.tolist(),
                                             graph.confidence.tolist())]
     out.pick_order = graph.pick_order.tolist()
     return out
+
+
+# The messages of the instances are built slot by slot (_bare_message): the generated
+# constructors first build a default value for every field (for an AmodalInstance a whole
+# Image, Header and Time) and run every setter, about 9 us an instance, most of the cost
+# of the message. The values stored are those the setters would store (Python int, float,
+# bool and str from tolist(); array('B') pixels), so the messages are the same.
+def _non_field_slots(cls) -> tuple:
+    """(slot, value) of the slots of message type ``cls`` that hold no field
+    (``_check_fields`` in recent ROS 2), as its constructor sets them."""
+    fields = cls.get_fields_and_field_types()
+    prototype = cls()
+    return tuple((slot, getattr(prototype, slot)) for slot in cls.__slots__
+                 if slot[1:] not in fields)
+
+
+_NON_FIELD_SLOTS = {cls: _non_field_slots(cls) for cls in (AmodalInstance, Image, OcclusionEdge)}
+
+
+def _bare_message(cls):
+    """A ``cls`` message whose fields the caller stores in their slots (``msg._name =
+    value``, every field). The result is an ordinary message: it serialises and compares
+    as one built by the constructor, and with ROS_PYTHON_CHECK_FIELDS=1 its setters check
+    later assignments."""
+    msg = cls.__new__(cls)
+    for slot, value in _NON_FIELD_SLOTS[cls]:
+        setattr(msg, slot, value)
+    return msg
+
+
+def _mask_msg(header, width: int, height: int, data: array) -> Image:
+    mask = _bare_message(Image)
+    mask._header = header
+    mask._height = height
+    mask._width = width
+    mask._encoding = "mono8"
+    mask._is_bigendian = 0
+    mask._step = width
+    mask._data = data
+    return mask
+
+
+def _instance_msg(index: int, row: tuple, header, data: array) -> AmodalInstance:
+    """An AmodalInstance from ``row``, one row of instance_array_msg's columns, with the
+    mask pixels ``data``."""
+    (x, y, w, h), label, name, score, amodal, visible, ratio, truncated, layer, free = row
+    instance = _bare_message(AmodalInstance)
+    instance._id = index
+    instance._class_id = label
+    instance._class_name = name
+    instance._score = score
+    instance._roi_x = x
+    instance._roi_y = y
+    instance._roi_width = w
+    instance._roi_height = h
+    instance._mask = _mask_msg(header, w, h, data)
+    instance._amodal_area = amodal
+    instance._visible_area = visible
+    instance._occlusion_ratio = ratio
+    instance._truncated = truncated
+    instance._layer = layer
+    instance._free_probability = free
+    return instance
+
+
+def _edge_msg(occluder: int, occludee: int, pixels: int, ratio: float,
+              confidence: float) -> OcclusionEdge:
+    edge = _bare_message(OcclusionEdge)
+    edge._occluder = occluder
+    edge._occludee = occludee
+    edge._overlap_pixels = pixels
+    edge._overlap_ratio = ratio
+    edge._confidence = confidence
+    return edge
 
 
 def copy_header(header) -> Header:

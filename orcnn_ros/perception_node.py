@@ -518,8 +518,9 @@ class PerceptionNode(LifecycleNode):
                 frame = self._pending
                 # Only a frame that arrived during an inference has waited for the worker.
                 waited = time.monotonic() - frame[1] if frame[1] < free_since else 0.0
+                # A frame that has not waited is fresh whatever the camera interval.
                 wait = fresh_frame_wait(waited, self._camera_interval(),
-                                        self._settings.fresh_frame_wait)
+                                        self._settings.fresh_frame_wait) if waited else 0.0
                 if wait > 0.0:
                     # Stale: the next frame is due. One wait at most, then the newest goes.
                     self._cond.wait_for(lambda: self._pending is not frame
@@ -582,7 +583,9 @@ class PerceptionNode(LifecycleNode):
             self.stats.count("dropped")
             return
         try:
-            image, order = conversions.message_to_array(msg, settings.color_order)
+            # The subscription callback has checked the frame (check_message) already.
+            image, order = conversions.message_to_array(msg, settings.color_order,
+                                                        checked=True)
         except ValueError as exc:
             self.stats.count("malformed")
             self.get_logger().warning(

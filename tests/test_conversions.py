@@ -1,6 +1,7 @@
 """Message conversions, message building, diagnostics and bag replay, without a ROS graph."""
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from std_msgs.msg import Header  # noqa: E402
 from orcnn_core.occlusion import PRIOR_PIXELS, occlusion_graph  # noqa: E402
 from orcnn_core.prediction import Prediction  # noqa: E402
 from orcnn_ros import conversions  # noqa: E402
-from orcnn_ros.msg import AmodalInstanceArray  # noqa: E402
+from orcnn_ros.msg import AmodalInstance, AmodalInstanceArray, OcclusionEdge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
@@ -152,6 +153,19 @@ def test_array_to_image_msg_round_trip():
     np.testing.assert_array_equal(conversions.image_to_array(msg)[0], RGB)
 
 
+def test_checked_frames_convert_as_unchecked_ones():
+    """checked=True (the node's callback has run check_message) skips the checks only."""
+    png = cv2.imencode(".png", RGB)[1].tobytes()
+    for msg in (raw(RGB, "rgb8"), raw(RGB, "bgra8", step=40), raw(RGB[:, :, 0], "mono8", step=9),
+                CompressedImage(format="png", data=png)):
+        conversions.check_message(msg)
+        for order in conversions.COLOR_ORDERS:
+            expected, expected_order = conversions.message_to_array(msg, order)
+            array, got_order = conversions.message_to_array(msg, order, checked=True)
+            assert got_order == expected_order
+            np.testing.assert_array_equal(array, expected)
+
+
 # ------------------------------------------------------------------------- results out
 def hand_prediction():
     """Three instances on a 40 x 60 image: 1 lies on 0; 2 reaches past the left border."""
@@ -199,6 +213,29 @@ def test_select_instances_threshold_and_cap():
     assert len(conversions.select_instances(pred, 0.95, 10)) == 0
     assert len(pred) == 3  # the input is untouched
     assert everything.probs is None and top.probs is None
+
+
+def test_select_instances_matches_a_sort_and_filter_reference():
+    """Ordered and unordered scores, ties, NaN, a threshold that float32 scores round to
+    (0.7), caps below and above the count: the instances a stable sort by score, the
+    threshold (compared as numpy compares) and the cap select, and the input itself when
+    that is all of them in their order."""
+    cases = [[0.9, 0.7, 0.7, 0.2], [0.2, 0.7, 0.9, 0.7], [0.7, 0.7, 0.7], [0.9, np.nan, 0.5],
+             [np.nan, 0.9], [0.5], []]
+    for values in cases:
+        n = len(values)
+        rois = np.tile(np.array([[0, 0, 2, 2]], np.int32), (n, 1))
+        pred = Prediction(boxes=rois.astype(np.float32), scores=np.array(values, np.float32),
+                          labels=np.arange(n), class_names=[f"c{i}" for i in range(n)],
+                          rois=rois, crops=[np.ones((2, 2), np.uint8)] * n, image_size=(4, 4))
+        for threshold in (0.0, 0.5, 0.7, 0.95):
+            for cap in (0, 1, 3, 10):
+                scores = pred.scores
+                order = np.argsort(-scores, kind="stable")
+                expected = order[scores[order] >= threshold][:cap].tolist()
+                sub = conversions.select_instances(pred, threshold, cap)
+                assert sub.labels.tolist() == expected, (values, threshold, cap)
+                assert (sub is pred) == (expected == list(range(n))), (values, threshold, cap)
 
 
 def test_select_instances_keeps_probs_aligned():
@@ -367,6 +404,93 @@ def test_instance_array_message_equals_the_field_by_field_reference(n):
                                               AmodalInstanceArray)) == expected
     if n == 12:
         assert len(expected["edges"]) > 3 and any(i["truncated"] for i in expected["instances"])
+
+
+def constructed_instance_array(prediction, graph, header, model_name, inference_ms):
+    """instance_array_msg's message built by the generated constructors, with their field
+    checks on (types and ranges)."""
+    instances = []
+    for i in range(len(prediction)):
+        x, y, w, h = prediction.rois[i].tolist()
+        mask = Image(header=header, height=h, width=w, encoding="mono8", is_bigendian=0,
+                     step=w, data=np.asarray(prediction.crops[i], np.uint8).tobytes(),
+                     check_fields=True)
+        instances.append(AmodalInstance(
+            id=i, class_id=int(prediction.labels[i]), class_name=prediction.class_names[i],
+            score=float(prediction.scores[i]), roi_x=x, roi_y=y, roi_width=w, roi_height=h,
+            mask=mask, amodal_area=int(prediction.amodal_areas[i]),
+            visible_area=int(prediction.visible_areas[i]),
+            occlusion_ratio=float(prediction.occlusion_ratios[i]),
+            truncated=bool(prediction.truncated[i]), layer=int(graph.layers[i]),
+            free_probability=float(graph.free_probability[i]), check_fields=True))
+    edges = [OcclusionEdge(occluder=a, occludee=b, overlap_pixels=p, overlap_ratio=r,
+                           confidence=c, check_fields=True)
+             for (a, b), p, r, c in zip(graph.edges.tolist(), graph.overlap_pixels.tolist(),
+                                        graph.overlap_ratio.tolist(), graph.confidence.tolist())]
+    height, width = prediction.image_size
+    return AmodalInstanceArray(
+        header=header, image_width=width, image_height=height, instances=instances,
+        edges=edges, pick_order=graph.pick_order.tolist(), has_cycle=bool(graph.has_cycle),
+        model_name=model_name, inference_ms=inference_ms, check_fields=True)
+
+
+def slot_values(msg):
+    """Every slot of a message, nested messages and lists of them unfolded, with its
+    type: == alone holds for 1 == 1.0 == True."""
+    out = {}
+    for slot in type(msg).__slots__:
+        value = getattr(msg, slot)
+        if hasattr(type(value), "_fields_and_field_types"):
+            out[slot] = slot_values(value)
+        elif isinstance(value, list):
+            out[slot] = [slot_values(v) for v in value]
+        elif slot != "_check_fields":
+            out[slot] = (type(value), value)
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 1, 12])
+def test_instance_array_message_equals_the_constructors_message(n):
+    """The instances, masks and edges built slot by slot hold what the constructors and
+    setters (checking every field) would store, type for type, and stay ordinary
+    messages: they check later assignments when asked to, and survive CDR."""
+    pred = crowded_prediction(n)
+    graph = occlusion_graph(pred, min_confidence=0.0)
+    header = Header(frame_id="cam")
+    msg = conversions.instance_array_msg(pred, graph, header, "m", 3.0)
+    expected = constructed_instance_array(pred, graph, header, "m", 3.0)
+    assert msg == expected
+    assert slot_values(msg) == slot_values(expected)
+    assert deserialize_message(serialize_message(msg), AmodalInstanceArray) == expected
+    if n == 12:
+        instance = msg.instances[3]
+        instance._check_fields = instance.mask._check_fields = True
+        with pytest.raises(AssertionError, match="roi_width"):
+            instance.roi_width = -1
+        with pytest.raises(AssertionError, match="height"):
+            instance.mask.height = 1.5
+
+
+def test_instance_array_message_under_ros_python_check_fields():
+    """With ROS_PYTHON_CHECK_FIELDS=1 the messages built slot by slot check their fields
+    as constructed ones do, and equal them."""
+    script = (
+        "import numpy as np, pytest, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import test_conversions as t\n"
+        "pred = t.crowded_prediction(12)\n"
+        "graph = t.occlusion_graph(pred, min_confidence=0.0)\n"
+        "msg = t.conversions.instance_array_msg(pred, graph, t.Header(), 'm', 3.0)\n"
+        "assert msg == t.constructed_instance_array(pred, graph, t.Header(), 'm', 3.0)\n"
+        "for m in (msg.instances[0], msg.instances[0].mask, msg.edges[0]):\n"
+        "    assert m._check_fields is True\n"
+        "with pytest.raises(AssertionError):\n"
+        "    msg.edges[0].occluder = -1\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-P", "-c", script, str(Path(__file__).parent)],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, ROS_PYTHON_CHECK_FIELDS="1"))
+    assert result.stdout.strip() == "ok", result.stderr
 
 
 # ------------------------------------------------------------------------- diagnostics
