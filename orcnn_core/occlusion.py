@@ -213,7 +213,9 @@ def _window_sums(rois, planes, a, b, windows):
     :data:`ROUNDED_PRODUCT_PIXELS` multiply float64 copies of the planes (exact products).
     """
     x0, y0, width, height = (c.tolist() for c in rois.T)
-    exact = planes.astype(np.float64)
+    # The float64 copy only for frames with a large window (most frames have none).
+    exact = planes.astype(np.float64) \
+        if (windows[2] * windows[3] > ROUNDED_PRODUCT_PIXELS).any() else None
     starts = np.cumsum([0] + [w * h for w, h in zip(width, height)]).tolist()
     rounded_views, exact_views = {}, {}
     sums = []
