@@ -17,7 +17,7 @@ frame at little model cost, so the node's own work (occlusion graph, message) we
 result ready, minus the model (``inference_ms`` includes the label and probability crops):
 what the node adds (conversion, occlusion graph and pick order, message).
 
-1. Previous version as peer (``--previous``, default commit 699be7f; ``none`` skips it): the
+1. Previous version as peer (``--previous``, default commit bcc6d3e; ``none`` skips it): the
    node of that commit (``git archive`` into a temporary folder, run on the message package
    built here, so the message definitions must be the same, and it must read the model
    file) and this checkout's node, both with score threshold 0 and ``max_instances`` each
@@ -60,9 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE_TOPIC = "/bench/image"
 PREVIOUS_TOPICS = ("/bench/previous/image", "/bench/previous/amodal_instances")
 DIAGNOSTICS_PERIOD = 0.25
-#: The code just before the faster per-frame path of d96f66b (pair evidence on views, one
-#: mask buffer). 7a11404, an older peer, cannot read the bundled model's order-head settings.
-PREVIOUS = "699be7f"
+#: The node before its messages were built slot by slot. Older versions cannot read the
+#: bundled model's config (fields they do not know), so the peer has to be this recent.
+PREVIOUS = "bcc6d3e"
 
 
 def model_file(name: str):
