@@ -137,7 +137,7 @@ def build_maskrcnn(cfg: ModelConfig, orcnn=None) -> MaskRCNN:
         box_detections_per_img=cfg.box_detections_per_img,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         mask_roi_pool=MultiScaleRoIAlign(names, cfg.mask_roi_size, 2),
-        mask_head=MaskRCNNHeads(channels, (width,) * 4, 1),
+        mask_head=MaskRCNNHeads(channels, (width,) * MASK_HEAD_CONVS, 1),
         mask_predictor=MaskRCNNPredictor(width, width, cfg.mask_classes),
     )
     if orcnn is not None:
@@ -276,7 +276,8 @@ def memory_probe(backbone, args, name, mode):
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
-    _, x, models = setup(backbone, args, cpu, names=(name,))  # only the measured model
+    # Only the measured model stays loaded (the ORCNN its weights come from is freed).
+    _, x, models = setup(backbone, args, cpu, names=(name,))
     model, target = models[name]
     fn = (inference_fn(model, x, cpu, "fp32") if mode == "inference"
           else train_step_fn(model, x, target, cpu, "fp32"))

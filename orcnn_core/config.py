@@ -36,10 +36,10 @@ BACKBONES = ("resnet50_fpn", "resnet101_fpn", "resnet18_fpn", "mobilenet_v3_fpn"
 #: fine-tuning from pretrained weights; "bn" trains batch statistics (training from scratch).
 BACKBONE_NORMS = ("frozen_bn", "bn")
 
-#: Number of feature maps each backbone gives the RPN (one anchor size per map).
 #: Convolutions of each mask head before its deconvolution (Mask R-CNN's head).
 MASK_HEAD_CONVS = 4
 
+#: Number of feature maps each backbone gives the RPN (one anchor size per map).
 NUM_FEATURE_MAPS = {
     "resnet50_fpn": 5,
     "resnet101_fpn": 5,
@@ -236,7 +236,7 @@ class ModelConfig:
         for name in ("class_agnostic_masks", "order_head"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
-        check_int("visible_head_shared_convs", 0, MASK_HEAD_CONVS)
+        self._validate_shared_convs(fail)
         check_int("trainable_backbone_layers", 0, 6 if self.backbone.startswith("mobilenet")
                   else 5)
         for name in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_roi_size",
@@ -260,6 +260,16 @@ class ModelConfig:
             fail("rpn_bg_iou_thresh", f"must be <= rpn_fg_iou_thresh {self.rpn_fg_iou_thresh}")
         if self.box_bg_iou_thresh > self.box_fg_iou_thresh:
             fail("box_bg_iou_thresh", f"must be <= box_fg_iou_thresh {self.box_fg_iou_thresh}")
+
+    def _validate_shared_convs(self, fail) -> None:
+        """``visible_head_shared_convs``: 0..MASK_HEAD_CONVS, and 0 for the variants without
+        a visible head or with one that must not train the amodal head's layers."""
+        shared = self.visible_head_shared_convs
+        if isinstance(shared, bool) or not isinstance(shared, int) \
+                or not 0 <= shared <= MASK_HEAD_CONVS:
+            fail("visible_head_shared_convs", f"must be an integer in [0, {MASK_HEAD_CONVS}]")
+        if shared and self.variant in ("amodal_mrcnn", "orcnn_independent"):
+            fail("visible_head_shared_convs", f"must be 0 with variant {self.variant}")
 
     def _validate_lists(self, fail) -> None:
         """The list values: normalisation (R, G, B) and anchors (one size per feature

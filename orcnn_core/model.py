@@ -26,6 +26,7 @@ per-box resampling the node needs.
 """
 
 import math
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -269,9 +270,9 @@ class ORCNNRoIHeads(RoIHeads):
     The amodal and the visible mask head run on the same RoIAlign features of the same boxes.
     ``visible_mask_head`` is None for the ``amodal_mrcnn`` variant. With ``independent``, the
     visible head sees detached RoI features and the occlusion logits detached amodal logits,
-    so L_VM and L_IVM train the visible head only. With ``shared_mask_convs`` k > 0 the
-    visible head continues from the output of the amodal head's first k layers (its own
-    layers are the remaining ones).
+    so L_VM and L_IVM train the visible head only. With ``shared_mask_convs`` k > 0 (not
+    with ``independent``) the visible head continues from the output of the amodal head's
+    first k layers (its own layers are the remaining ones).
     """
 
     def __init__(self, *args, mask_roi_pool, amodal_mask_head, amodal_mask_predictor,
@@ -484,6 +485,31 @@ class ORCNNRoIHeads(RoIHeads):
 
 
 # ---------------------------------------------------------------------------------- model
+def mask_heads(cfg: ModelConfig, channels: int) -> dict:
+    """The mask heads and predictors of ORCNNRoIHeads (visible ones None without a visible
+    head). With ``visible_head_shared_convs`` k the visible head holds only its own layers,
+    numbered as in a full head (k..3), so a separate-head file's visible layers land in
+    their places (``init_weights``) and its first k are left out."""
+    width = cfg.mask_head_channels
+
+    def mask_head():
+        return MaskRCNNHeads(channels, (width,) * MASK_HEAD_CONVS, 1)
+
+    def mask_predictor():
+        return MaskRCNNPredictor(width, width, cfg.mask_classes)
+
+    heads = dict(amodal_mask_head=mask_head(), amodal_mask_predictor=mask_predictor(),
+                 visible_mask_head=None, visible_mask_predictor=None)
+    if cfg.has_visible_head:
+        shared = cfg.visible_head_shared_convs
+        visible = mask_head()
+        if shared:
+            visible = nn.Sequential(OrderedDict(
+                (str(i), layer) for i, layer in enumerate(visible) if i >= shared))
+        heads.update(visible_mask_head=visible, visible_mask_predictor=mask_predictor())
+    return heads
+
+
 class ORCNN(GeneralizedRCNN):
     """The ORCNN model; build it with :func:`build_model`. ``self.config`` is its config."""
 
@@ -504,22 +530,7 @@ class ORCNN(GeneralizedRCNN):
 
         names = roi_feature_names(cfg)
         box_roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
-        width = cfg.mask_head_channels
-
-        def mask_head():
-            return MaskRCNNHeads(channels, (width,) * MASK_HEAD_CONVS, 1)
-
-        def visible_mask_head():
-            if not cfg.has_visible_head:
-                return None
-            if not cfg.visible_head_shared_convs:
-                return mask_head()
-            # Its own layers only: the first ones are the amodal head's (shared trunk).
-            return nn.Sequential(*list(mask_head())[cfg.visible_head_shared_convs:])
-
-        def mask_predictor():
-            return MaskRCNNPredictor(width, width, cfg.mask_classes)
-
+        heads = mask_heads(cfg, channels)
         roi_heads = ORCNNRoIHeads(
             box_roi_pool,
             TwoMLPHead(channels * 7 * 7, cfg.box_head_dim),
@@ -530,17 +541,14 @@ class ORCNN(GeneralizedRCNN):
             cfg.box_score_thresh, cfg.box_nms_thresh, cfg.box_detections_per_img,
             mask_roi_pool=MultiScaleRoIAlign(featmap_names=names,
                                              output_size=cfg.mask_roi_size, sampling_ratio=2),
-            amodal_mask_head=mask_head(),
-            amodal_mask_predictor=mask_predictor(),
-            visible_mask_head=visible_mask_head(),
-            visible_mask_predictor=mask_predictor() if cfg.has_visible_head else None,
+            **heads,
             mask_losses=cfg.mask_losses,
             independent=cfg.variant == "orcnn_independent",
             box_clip_margin=cfg.box_clip_margin,
             order_head=PairOrderHead(channels, cfg.order_head_channels, 7) if cfg.order_head
             else None,
             order_pairs_per_image=cfg.order_pairs_per_image,
-            shared_mask_convs=cfg.visible_head_shared_convs if cfg.has_visible_head else 0,
+            shared_mask_convs=cfg.visible_head_shared_convs,
         )
         transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size,
                                              list(cfg.image_mean), list(cfg.image_std))

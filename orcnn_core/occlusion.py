@@ -213,9 +213,6 @@ def _window_sums(rois, planes, a, b, windows):
     :data:`ROUNDED_PRODUCT_PIXELS` multiply float64 copies of the planes (exact products).
     """
     x0, y0, width, height = (c.tolist() for c in rois.T)
-    # The float64 copy only for frames with a large window (most frames have none).
-    exact = planes.astype(np.float64) \
-        if (windows[2] * windows[3] > ROUNDED_PRODUCT_PIXELS).any() else None
     starts = np.cumsum([0] + [w * h for w, h in zip(width, height)]).tolist()
     rounded_views, exact_views = {}, {}
     sums = []
@@ -223,8 +220,10 @@ def _window_sums(rois, planes, a, b, windows):
         views = rounded_views if w * h <= ROUNDED_PRODUCT_PIXELS else exact_views
         for k in (i, j):
             if k not in views:
-                source = planes if views is rounded_views else exact
-                views[k] = source[:, starts[k]:starts[k + 1]].reshape(2, height[k], width[k])
+                view = planes[:, starts[k]:starts[k + 1]]
+                if views is exact_views:  # a float64 copy of the instances that need one
+                    view = view.astype(np.float64)
+                views[k] = view.reshape(2, height[k], width[k])
         yi, xi, yj, xj = y - y0[i], x - x0[i], y - y0[j], x - x0[j]
         win_i = views[i][:, yi:yi + h, xi:xi + w]
         win_j = views[j][::-1, yj:yj + h, xj:xj + w]

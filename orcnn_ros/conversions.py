@@ -323,7 +323,8 @@ def array_to_image_msg(array: np.ndarray, encoding: str, header=None) -> Image:
 # ------------------------------------------------------------------------- results out
 def select_instances(prediction, score_threshold: float, max_instances: int):
     """The instances scoring at least ``score_threshold``, best first, at most
-    ``max_instances`` of them (a new Prediction; the input is not changed)."""
+    ``max_instances`` of them: the input itself when it is all of them in that order, else
+    a new Prediction (the input is not changed)."""
     scores = np.asarray(prediction.scores)
     # Already best first and within both limits (the Predictor's output as a rule): plain
     # Python comparisons of tens of numbers cost less than the numpy calls below.
@@ -354,7 +355,7 @@ def instance_array_msg(prediction, graph, header, model_name: str = "",
                prediction.occlusion_ratios.tolist(), prediction.truncated.tolist(),
                graph.layers.tolist(), graph.free_probability.tolist())
     instances = []
-    for i, (row, crop) in enumerate(zip(rows, prediction.crops)):
+    for i, (row, crop) in enumerate(zip(rows, prediction.crops, strict=True)):
         # array('B'), what the uint8[] setter stores, filled by one memcpy from the crop
         # (ascontiguousarray returns the Predictor's crops as they are).
         data = array("B")

@@ -149,6 +149,16 @@ def test_shared_mask_trunk_feeds_both_heads(shared, tmp_path):
     vis_inv = losses["loss_visible_mask"] + losses["loss_invisible_mask"]
     trunk_params = [p for layer in list(rh.amodal_mask_head)[:shared] for p in layer.parameters()]
     assert all(torch.count_nonzero(g) > 0 for g in _grads(vis_inv, trunk_params))
+    # A separate-head model's weights fill the visible head's own layers in their places.
+    missing, unexpected = model.load_state_dict(separate.state_dict(), strict=False)
+    assert not missing
+    assert sorted({k.split(".")[2] for k in unexpected}) == [str(i) for i in range(shared)]
+    for i in range(shared, 4):
+        assert torch.equal(getattr(rh.visible_mask_head, str(i))[0].weight,
+                           separate.roi_heads.visible_mask_head[i][0].weight)
+    for variant in ("amodal_mrcnn", "orcnn_independent"):
+        with pytest.raises(InputError, match="visible_head_shared_convs"):
+            tiny_config(variant=variant, visible_head_shared_convs=shared)
     # A weights file rebuilds the same layout.
     rebuilt = build_from_file(save_weights(model, model.config, tmp_path / "shared.safetensors"))
     assert rebuilt.config.visible_head_shared_convs == shared
