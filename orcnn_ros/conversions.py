@@ -374,7 +374,8 @@ def instance_array_msg(prediction, graph, header, model_name: str = "",
 # constructors first build a default value for every field (for an AmodalInstance a whole
 # Image, Header and Time) and run every setter, about 9 us an instance, most of the cost
 # of the message. The values stored are those the setters would store (Python int, float,
-# bool and str from tolist(); array('B') pixels), so the messages are the same.
+# bool and str from tolist(); array('B') pixels), so the messages are the same. Each field
+# is stored by name: a loop over keyword arguments took three times as long.
 def _non_field_slots(cls) -> tuple:
     """(slot, value) of the slots of message type ``cls`` that hold no field
     (``_check_fields`` in recent ROS 2), as its constructor sets them."""

@@ -518,9 +518,8 @@ class PerceptionNode(LifecycleNode):
                 frame = self._pending
                 # Only a frame that arrived during an inference has waited for the worker.
                 waited = time.monotonic() - frame[1] if frame[1] < free_since else 0.0
-                # A frame that has not waited is fresh whatever the camera interval.
                 wait = fresh_frame_wait(waited, self._camera_interval(),
-                                        self._settings.fresh_frame_wait) if waited else 0.0
+                                        self._settings.fresh_frame_wait)
                 if wait > 0.0:
                     # Stale: the next frame is due. One wait at most, then the newest goes.
                     self._cond.wait_for(lambda: self._pending is not frame
