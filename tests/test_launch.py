@@ -281,15 +281,28 @@ def test_namespace_params_file_remap_and_live_parameters(client, record):
     pub = client.node.create_publisher(Image, "/test_cam/image_raw", RELIABLE)
     assert len(client.answer(pub, out, "/test_cam/image_raw").instances) == 7
     # What a planner's developer reads with `ros2 topic echo --field pick_order`.
+    # The type is named and the daemon left out, so the command subscribes at once instead
+    # of waiting for a daemon to start and discover the topic's type (slow on a busy host).
     echo = subprocess.Popen(
-        ["ros2", "topic", "echo", "/robot1/amodal_instances", "--field", "pick_order",
-         "--once", "--qos-reliability", "reliable"],
+        ["ros2", "topic", "echo", "--no-daemon", "/robot1/amodal_instances",
+         "orcnn_ros/msg/AmodalInstanceArray", "--field", "pick_order", "--once",
+         "--qos-reliability", "reliable"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        client.wait(lambda: client.node.count_subscribers("/robot1/amodal_instances") >= 2,
+        client.wait(lambda: (client.node.count_subscribers("/robot1/amodal_instances") >= 2
+                             or echo.poll() is not None),
                     "`ros2 topic echo` to subscribe", 60)
-        published = list(client.answer(pub, out, "/test_cam/image_raw").pick_order)
-        printed, _ = echo.communicate(timeout=60)
+        assert echo.poll() is None, f"`ros2 topic echo` exited: {echo.communicate()[0]}"
+        # Seeing the subscription does not mean the node's publisher has matched it yet, so
+        # frames go in until the command prints one answer (the same image, the same order).
+        deadline = time.monotonic() + 60
+        while True:
+            published = list(client.answer(pub, out, "/test_cam/image_raw").pick_order)
+            try:
+                printed, _ = echo.communicate(timeout=2)
+                break
+            except subprocess.TimeoutExpired:
+                assert time.monotonic() < deadline, "`ros2 topic echo` printed nothing in 60 s"
     finally:
         echo.kill()
     assert sorted(published) == list(range(7))
