@@ -510,6 +510,12 @@ def mask_heads(cfg: ModelConfig, channels: int) -> dict:
     return heads
 
 
+#: Parameter and buffer name prefixes of the heads that turn RoI features into masks and
+#: order: what ``init_mask_heads: false`` leaves at its random initialisation.
+MASK_HEAD_PREFIXES = ("roi_heads.amodal_mask_", "roi_heads.visible_mask_",
+                      "roi_heads.order_head.")
+
+
 class ORCNN(GeneralizedRCNN):
     """The ORCNN model; build it with :func:`build_model`. ``self.config`` is its config."""
 

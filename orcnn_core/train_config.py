@@ -145,6 +145,10 @@ class TrainConfig:
     # A torchvision Mask R-CNN COCO state dict (.pth) or an ORCNN .safetensors file; "" for
     # random initialisation.
     init_weights: str = ""
+    # false: the mask heads and the order head keep their random initialisation and only the
+    # rest (backbone, RPN, box head) comes from init_weights: a trained detector whose mask
+    # heads are learnt anew, as the ablation does (docs/ablation.md).
+    init_mask_heads: bool = True
     # Take model.num_classes and model.class_names from the training data's categories.
     classes_from_data: bool = True
     # Precision of the floating-point tensors in model_final.safetensors: float32 | float16.

@@ -48,7 +48,7 @@ from orcnn_core.fileio import (TEMP_SUFFIX, WriteError, atomic_write_bytes, atom
                                check_regular_file)
 from orcnn_core.losses import total_loss
 from orcnn_core.modal_aug import augment
-from orcnn_core.model import build_model
+from orcnn_core.model import MASK_HEAD_PREFIXES, build_model
 from orcnn_core.predictor import Predictor
 from orcnn_core.results import prediction_to_coco
 from orcnn_core.synth import SynthConfig, render_scene
@@ -519,11 +519,7 @@ def _build_training_objects(cfg: TrainConfig, resume: bool, device, rank: int):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     if cfg.init_weights and not resume:
-        if cfg.init_weights.endswith(".safetensors"):
-            _, state = load_weights(cfg.init_weights)
-            model.load_state_dict(state, strict=False)
-        else:
-            init_from_maskrcnn_state_dict(model, cfg.init_weights, verbose=rank == 0)
+        _load_init_weights(model, cfg, verbose=rank == 0)
     if cfg.solver.trainable == "order_head":
         model.train_only_order_head()
     model.to(device).train()
@@ -531,6 +527,22 @@ def _build_training_objects(cfg: TrainConfig, resume: bool, device, rank: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, cfg.solver))
     return model, optimizer, scheduler
+
+
+def _load_init_weights(model, cfg: TrainConfig, verbose: bool) -> None:
+    """``cfg.init_weights`` into a freshly built model; with ``init_mask_heads`` false the
+    mask and order heads keep the model's own (seeded, random) initialisation."""
+    skipped = () if cfg.init_mask_heads else MASK_HEAD_PREFIXES
+    own_heads = {name: value.clone() for name, value in model.state_dict().items()
+                 if skipped and name.startswith(skipped)}
+    if cfg.init_weights.endswith(".safetensors"):
+        _, state = load_weights(cfg.init_weights)
+        # Left out before loading: heads of another shape (class-agnostic masks) do not load.
+        model.load_state_dict({name: value for name, value in state.items()
+                               if not (skipped and name.startswith(skipped))}, strict=False)
+    else:
+        init_from_maskrcnn_state_dict(model, cfg.init_weights, verbose=verbose)
+    model.load_state_dict(own_heads, strict=False)
 
 
 def _resume(out: Path, model, optimizer, scheduler, cfg: TrainConfig, rank: int) -> int:

@@ -6,7 +6,8 @@ by --iterations), evaluates all of them on the same held-out scenes (another see
 writes a markdown report beside the paper's D2S amodal numbers, with a check of each of the
 paper's orderings.
 
-    python scripts/ablation.py --iterations 1000 --out docs/ablation.md
+    python scripts/ablation.py --iterations 2000 --eval-period 500 \
+        --init models/orcnn_demo.safetensors
 """
 
 import argparse
@@ -30,6 +31,8 @@ VARIANTS = [
     ("orcnn_cls_agn", "ORCNN (cls-agn)",
      ["model.variant=orcnn", "model.class_agnostic_masks=true"]),
     ("orcnn", "ORCNN", ["model.variant=orcnn"]),
+    ("orcnn_modal_aug", "ORCNN (modal aug)",
+     ["model.variant=orcnn", "data.modal_aug.probability=0.5"]),
 ]
 
 # Follmann et al. 2019, Table 6 (D2S amodal validation, percent): all AP_AV, AP_A, AP_V;
@@ -42,6 +45,7 @@ PAPER = {
     "ORCNN (independent)": (39.5, 72.8, 40.3, 31.9, 62.9, 33.2, 0.1),
     "ORCNN (cls-agn)": (62.3, 65.2, 71.0, 52.5, 55.2, 65.3, 14.7),
     "ORCNN": (58.9, 62.1, 66.2, 48.1, 51.2, 58.9, 8.7),
+    "ORCNN (modal aug)": (56.3, 59.9, 62.6, 47.9, 51.0, 57.6, 7.8),
 }
 
 
@@ -75,6 +79,8 @@ def orderings(rows: dict) -> list:
                                             col(r, "orcnn_independent", 6))),
         ("class-agnostic ORCNN beats class-specific ORCNN on AP_AV",
          lambda r: col(r, "orcnn_cls_agn", 0) > col(r, "orcnn", 0)),
+        ("modal augmentation stays within 3 points of ORCNN's AP_AV",
+         lambda r: abs(col(r, "orcnn_modal_aug", 0) - col(r, "orcnn", 0)) <= 3),
     ]
     paper_rows = {name: PAPER[paper] for name, paper, _ in VARIANTS}
     return [(claim, test(paper_rows), test(rows)) for claim, test in claims]
@@ -84,7 +90,38 @@ def fmt(value) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def report(rows: dict, args, seconds: dict) -> str:
+def history(out: Path) -> list:
+    """(iteration, AP_AV in percent) of every evaluation in a run's log.jsonl."""
+    rows = []
+    for line in (out / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "metrics" in record:
+            rows.append((record["iteration"], 100 * record["metrics"]["AP_AV"]))
+    return rows
+
+
+def start_text(args) -> str:
+    if not args.init:
+        return "is trained from scratch with"
+    return (f"starts from the same trained detector (backbone, RPN and box head of "
+            f"`{args.init}`; mask heads from random initialisation, `init_mask_heads=false`), "
+            f"as the paper's variants start from COCO-trained weights, and trains on with")
+
+
+def convergence(histories: dict) -> str:
+    steps = sorted({it for rows in histories.values() for it, _ in rows})
+    head = ("| model | " + " | ".join(str(s) for s in steps) + " |\n|---|"
+            + "---|" * len(steps) + "\n")
+    body = "".join(
+        f"| {paper} | " + " | ".join(fmt(dict(histories[name]).get(s)) for s in steps) + " |\n"
+        for name, paper, _ in VARIANTS)
+    last = [ap for _, ap in histories["orcnn"][-2:]]
+    moved = abs(last[-1] - last[0]) if len(last) == 2 else float("nan")
+    return (f"AP_AV (percent) at each evaluation; the ORCNN row moves by {moved:.1f} points "
+            f"between its last two evaluations.\n\n{head}{body}")
+
+
+def report(rows: dict, args, seconds: dict, histories: dict) -> str:
     header = ("| model | AP_AV | AP_A | AP_V | occl. AP_AV | occl. AP_A | occl. AP_V | "
               "occl. AP_IV50 |\n|---|---|---|---|---|---|---|---|\n")
     ours = "".join(f"| {paper} | " + " | ".join(fmt(v) for v in rows[name]) + " |\n"
@@ -97,14 +134,16 @@ def report(rows: dict, args, seconds: dict) -> str:
     return f"""# Ablation: the paper's Table 6 on synthetic scenes
 
 Produced by `python scripts/ablation.py {' '.join(args.argv)}` ({total_min:.0f} min of
-training in all, one CPU thread per variant). Every variant is trained from scratch with
-the `synth_demo` configuration shortened to {args.iterations} iterations (same data order,
-schedule shape and seed), then evaluated on the same {args.val_images} held-out synthetic
+training in all, one CPU thread per variant). Every variant {start_text(args)} the
+`synth_demo` configuration shortened to {args.iterations} iterations (same data order,
+schedule shape and seed), then is evaluated on the same {args.val_images} held-out synthetic
 scenes (seed {args.val_seed}) with `orcnn_core.evaluation` (docs/evaluation.md). Figures in
 percent. The names keep the paper's rows; our backbone is the small ResNet-18-FPN, not
-ResNet-101.
+ResNet-101. Our "ORCNN (modal aug)" adds modal augmentation (`data.modal_aug.probability=0.5`,
+objects cut from other training scenes) to the amodal training data; the paper's row of
+that name is trained on modally augmented data alone.
 
-## Ours (synthetic scenes, ResNet-18-FPN from scratch, {args.iterations} iterations)
+## Ours (synthetic scenes, ResNet-18-FPN, {args.iterations} iterations)
 
 {header}{ours}
 ## The paper (D2S amodal validation, ResNet-101-FPN from COCO, Table 6)
@@ -117,19 +156,38 @@ ResNet-101.
 {checks}
 AmodalMRCNN predicts no visible masks (visible := amodal inside the image), so its AP_IV50
 comes only from amodal parts outside the image, which count as hidden for every model.
-Short training on a small model leaves every figure noisy by a few points; a difference of
-one or two points here is no evidence either way. Per-variant metrics:
-`{args.output_dir}/*/metrics.json`.
-"""
+Per-variant metrics: `{args.output_dir}/*/metrics.json`.
+
+## Is the schedule long enough?
+
+{convergence(histories)}"""
+
+
+def variant_config(name: str, overrides: list, args):
+    out = Path(args.output_dir) / name
+    init = [f"init_weights={args.init}", "init_mask_heads=false"] if args.init else []
+    return load_train_config("synth_demo", [
+        f"output_dir={out}", f"solver.iterations={args.iterations}",
+        f"solver.steps=[{int(args.iterations * 0.75)},{int(args.iterations * 0.9)}]",
+        f"solver.warmup_iters={min(200, args.iterations // 5)}",
+        f"data.synth_val.num_images={args.val_images}",
+        f"data.synth_val.seed={args.val_seed}", f"eval_period={args.eval_period}",
+        f"checkpoint_period={min(250, args.iterations)}", *init, *overrides, *args.set])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--eval-period", type=int, default=0,
+                        help="evaluate every N iterations too (0: at the end only)")
+    parser.add_argument("--init", default="", metavar="WEIGHTS",
+                        help="start every variant from this model's backbone, RPN and box "
+                             "head, with new mask heads (default: from scratch)")
     parser.add_argument("--val-images", type=int, default=100)
     parser.add_argument("--val-seed", type=int, default=1000)
     parser.add_argument("--output-dir", default="outputs/ablation")
-    parser.add_argument("--out", default="docs/ablation.md", help="the markdown report")
+    parser.add_argument("--out", default="", help="the markdown report (default: "
+                        "report.md in the output folder; docs/ablation.md quotes it)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for every variant")
     parser.add_argument("--only", nargs="+", metavar="NAME",
@@ -137,7 +195,7 @@ def main(argv=None) -> int:
                              "work); the report is written once every variant is done")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    rows, seconds = {}, {}
+    rows, seconds, histories = {}, {}, {}
     names = [name for name, _, _ in VARIANTS]
     unknown = sorted(set(args.only or []) - set(names))
     if unknown:
@@ -148,28 +206,24 @@ def main(argv=None) -> int:
             print(f"{name}: trained before, reusing {out / 'done'}")
             result = json.loads((out / "done").read_text())
             rows[name], seconds[name] = tuple(result["row"]), result["seconds"]
+            histories[name] = history(out)
             continue
         if args.only and name not in args.only:
             continue
-        cfg = load_train_config("synth_demo", [
-            f"output_dir={out}", f"solver.iterations={args.iterations}",
-            f"solver.steps=[{int(args.iterations * 0.75)},{int(args.iterations * 0.9)}]",
-            f"solver.warmup_iters={min(200, args.iterations // 5)}",
-            f"data.synth_val.num_images={args.val_images}",
-            f"data.synth_val.seed={args.val_seed}", "eval_period=0",
-            f"checkpoint_period={args.iterations}", *overrides, *args.set])
         start = time.perf_counter()
         # An interrupted variant continues from its last checkpoint.
-        result = train(cfg, resume=(out / "checkpoint_last.pt").is_file(), progress=True)
+        result = train(variant_config(name, overrides, args),
+                       resume=(out / "checkpoint_last.pt").is_file(), progress=True)
         seconds[name] = time.perf_counter() - start
         rows[name] = figures(result["metrics"])
+        histories[name] = history(out)
         atomic_write_json(out / "done", {"row": rows[name], "seconds": seconds[name]})
         print(f"{name}: {' '.join(fmt(v) for v in rows[name])} ({seconds[name] / 60:.1f} min)")
     if len(rows) < len(VARIANTS):
         print(f"{len(rows)} of {len(VARIANTS)} variants done; the report waits for the rest")
         return 0
-    text = report(rows, args, seconds)
-    atomic_write_bytes(args.out, text.encode("utf-8"))
+    text = report(rows, args, seconds, histories)
+    atomic_write_bytes(args.out or Path(args.output_dir) / "report.md", text.encode("utf-8"))
     print(text)
     return 0
 

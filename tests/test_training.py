@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from orcnn_core.train_config import load_train_config
-from orcnn_core.training import CHECKPOINT, FINAL_WEIGHTS, load_checkpoint, lr_factor, train
+from orcnn_core.model import MASK_HEAD_PREFIXES, build_model
+from orcnn_core.training import (CHECKPOINT, FINAL_WEIGHTS, _build_training_objects,
+                                 load_checkpoint, lr_factor, train)
 from orcnn_core.weights import build_from_file
 from helpers import logged_losses
 from tiny_models import train_config, write_train_config
@@ -144,3 +146,25 @@ def test_missing_config_file_names_the_shipped_ones(tmp_path):
     result = run_cli("train", "--config", str(tmp_path / "nope.yaml"), timeout=120)
     assert result.returncode == 2
     assert "synth_demo" in result.stderr
+
+
+def test_init_mask_heads_false_keeps_the_heads_random_and_loads_the_rest(tiny_config,
+                                                                         tmp_path):
+    trained = tmp_path / "trained"
+    train(load_train_config(str(tiny_config), [f"output_dir={trained}"]), progress=False)
+    saved = build_from_file(trained / FINAL_WEIGHTS).state_dict()
+    # Class-agnostic masks: predictors of another shape than the file's, not loaded.
+    cfg = load_train_config(str(tiny_config), [
+        f"output_dir={tmp_path / 'ablation'}", f"init_weights={trained / FINAL_WEIGHTS}",
+        "init_mask_heads=false", "model.class_agnostic_masks=true",
+        # What train() takes from the data: two classes.
+        "model.num_classes=3", "model.class_names=[cereal_box,soup_can]"])
+    model = _build_training_objects(cfg, resume=False, device="cpu", rank=0)[0]
+    torch.manual_seed(cfg.seed)
+    fresh = build_model(cfg.model).state_dict()
+    heads = [name for name in fresh if name.startswith(MASK_HEAD_PREFIXES)]
+    assert any("amodal_mask_head" in n for n in heads) and any("visible" in n for n in heads)
+    for name, value in model.state_dict().items():
+        expected = fresh[name] if name in heads else saved[name]
+        assert torch.equal(value, expected.to(value.dtype)), name
+    assert not torch.equal(fresh[heads[0]], saved[heads[0]])  # the two sources differ
