@@ -91,25 +91,19 @@ class OcclusionGraph:
         return int(self.layers.shape[0])
 
 
-#: Intersection windows up to this many pixels sum float32 products (each product rounded
-#: to float32, as the previous releases computed them), larger ones exact float64 products;
-#: both sum in float64. Kept so that the published evidence, ratios and confidences stay
-#: the same to the last bit; the rounding moves evidence by about 1e-7 relative.
-ROUNDED_PRODUCT_PIXELS = 1500
-
-
 def _planes(crops: list, probs=None) -> np.ndarray:
-    """The evidence planes of all instances in one float32 array [2, sum of roi areas]:
+    """The evidence planes of all instances in one float64 array [2, sum of roi areas]:
     row 0 visible, row 1 hidden, each instance's roi flattened, in instance order.
 
     From label crops: 1 where the label is visible (resp. hidden), else 0. From probability
     crops (uint8 [2, h, w], amodal and visible, 255 = 1): p_visible and
-    p_amodal * (1 - p_visible). One conversion for all instances: per-instance array
+    p_amodal * (1 - p_visible), computed in float32 and held in float64, so that every
+    product of two planes is exact. One conversion for all instances: per-instance array
     operations cost more than their pixels here.
     """
     if probs is None:
         labels = np.concatenate([np.asarray(c).reshape(-1) for c in crops])
-        planes = np.empty((2, labels.size), np.float32)
+        planes = np.empty((2, labels.size), np.float64)
         np.equal(labels, VISIBLE, out=planes[0], casting="unsafe")
         np.equal(labels, HIDDEN, out=planes[1], casting="unsafe")
         return planes
@@ -118,7 +112,7 @@ def _planes(crops: list, probs=None) -> np.ndarray:
         np.float32)
     planes *= np.float32(1 / 255)
     planes[0] *= 1 - planes[1]
-    return planes[::-1]
+    return planes[::-1].astype(np.float64)
 
 
 def _check_crops(rois: np.ndarray, crops: list, probs) -> None:
@@ -158,9 +152,8 @@ def pair_evidence(rois: np.ndarray, crops: list, probs=None):
     labels, the expected overlap under the probabilities for ``probs``. Raises
     :class:`InputError` when a crop's shape is not its roi's.
 
-    Each window is a view of both instances' planes: one or two numpy calls per pair for
-    both directions, no gathered copies (windows above :data:`ROUNDED_PRODUCT_PIXELS` with
-    exact products, smaller ones with float32 products).
+    Each window is a view of both instances' planes: one numpy call per pair for both
+    directions, no gathered copies; the products are exact and sum in float64.
     """
     rois = np.asarray(rois, np.int64).reshape(-1, 4)
     _check_crops(rois, crops, probs)
@@ -205,32 +198,21 @@ def _intersecting_pairs(rois: np.ndarray):
 
 def _window_sums(rois, planes, a, b, windows):
     """float64 [P, 2]: per window, (sum visible_a * hidden_b, sum visible_b * hidden_a), from
-    the float32 planes of :func:`_planes`.
+    the planes of :func:`_planes`.
 
     Instance i's planes are a [2, height, width] view, a window a view of that, and b's
     planes in reverse order pair a's visible with b's hidden and a's hidden with b's
-    visible: one product gives both directions. Windows above
-    :data:`ROUNDED_PRODUCT_PIXELS` multiply float64 copies of the planes (exact products).
+    visible: one product-and-sum gives both directions.
     """
     x0, y0, width, height = (c.tolist() for c in rois.T)
     starts = np.cumsum([0] + [w * h for w, h in zip(width, height)]).tolist()
-    rounded_views, exact_views = {}, {}
+    views = [planes[:, starts[k]:starts[k + 1]].reshape(2, height[k], width[k])
+             for k in range(len(x0))]
     sums = []
     for i, j, x, y, w, h in zip(a.tolist(), b.tolist(), *(c.tolist() for c in windows)):
-        views = rounded_views if w * h <= ROUNDED_PRODUCT_PIXELS else exact_views
-        for k in (i, j):
-            if k not in views:
-                view = planes[:, starts[k]:starts[k + 1]]
-                if views is exact_views:  # a float64 copy of the instances that need one
-                    view = view.astype(np.float64)
-                views[k] = view.reshape(2, height[k], width[k])
         yi, xi, yj, xj = y - y0[i], x - x0[i], y - y0[j], x - x0[j]
-        win_i = views[i][:, yi:yi + h, xi:xi + w]
-        win_j = views[j][::-1, yj:yj + h, xj:xj + w]
-        if views is exact_views:
-            sums.append(_einsum("cyx,cyx->c", win_i, win_j))
-        else:
-            sums.append(_einsum("cyx->c", win_i * win_j, dtype=np.float64))
+        sums.append(_einsum("cyx,cyx->c", views[i][:, yi:yi + h, xi:xi + w],
+                            views[j][::-1, yj:yj + h, xj:xj + w]))
     return np.asarray(sums, np.float64).reshape(-1, 2)
 
 

@@ -569,33 +569,15 @@ def clustered_prediction_with_probs(rng, n, size=(90, 120)):
                       image_size=size, probs=probs)
 
 
-#: Every window with float32 products, every window with exact ones, and the module's own
-#: split (the rounding moves probability evidence by about 1e-7 relative; label counts not
-#: at all).
-ROUNDED_MODES = (None, 0, 1 << 30)
-
-
-def window_modes(monkeypatch):
-    import orcnn_core.occlusion as occlusion
-
-    default = occlusion.ROUNDED_PRODUCT_PIXELS
-    for pixels in ROUNDED_MODES:
-        monkeypatch.setattr(occlusion, "ROUNDED_PRODUCT_PIXELS",
-                            default if pixels is None else pixels)
-        yield
-    monkeypatch.setattr(occlusion, "ROUNDED_PRODUCT_PIXELS", default)
-
-
 @pytest.mark.parametrize("seed", range(8))
-def test_pair_overlaps_and_cycle_breaking_match_the_references(seed, monkeypatch):
+def test_pair_overlaps_and_cycle_breaking_match_the_references(seed):
     rng = np.random.default_rng(100 + seed)
     pred = clustered_prediction(rng, int(rng.integers(2, 25)))
     expected_pairs, expected_pixels = reference_pair_overlaps(pred.rois, pred.crops)
-    for _ in window_modes(monkeypatch):
-        pairs, pixels = pair_overlaps(pred.rois, pred.crops)
-        assert pairs.dtype == np.int64 and pixels.dtype == np.int64
-        assert [tuple(p) for p in pairs.tolist()] == expected_pairs
-        assert pixels.tolist() == expected_pixels
+    pairs, pixels = pair_overlaps(pred.rois, pred.crops)
+    assert pairs.dtype == np.int64 and pixels.dtype == np.int64
+    assert [tuple(p) for p in pairs.tolist()] == expected_pairs
+    assert pixels.tolist() == expected_pixels
 
     # The default confidence threshold, none (both directions of a pair can be edges:
     # many 2-cycles) and a pixel threshold.
@@ -608,19 +590,18 @@ def test_pair_overlaps_and_cycle_breaking_match_the_references(seed, monkeypatch
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_probability_evidence_and_graph_match_the_references(seed, monkeypatch):
+def test_probability_evidence_and_graph_match_the_references(seed):
     rng = np.random.default_rng(200 + seed)
     pred = clustered_prediction_with_probs(rng, int(rng.integers(3, 22)))
     expected_pairs, expected_evidence = reference_pair_evidence(pred.rois, pred.crops,
                                                                 pred.probs)
     assert len(expected_pairs) >= 1
-    for _ in window_modes(monkeypatch):
-        pairs, evidence = pair_evidence(pred.rois, pred.crops, pred.probs)
-        assert pairs.dtype == np.int64 and evidence.dtype == np.float64
-        assert [tuple(p) for p in pairs.tolist()] == expected_pairs
-        np.testing.assert_allclose(evidence, expected_evidence, rtol=1e-5)
-    # float32 products against float64: no evidence, confidence or cycle-breaking rank of
-    # these scenes sits so close to a threshold or a neighbour that rounding could decide.
+    pairs, evidence = pair_evidence(pred.rois, pred.crops, pred.probs)
+    assert pairs.dtype == np.int64 and evidence.dtype == np.float64
+    assert [tuple(p) for p in pairs.tolist()] == expected_pairs
+    np.testing.assert_allclose(evidence, expected_evidence, rtol=1e-5)
+    # float32 planes against float64 ones: no evidence, confidence or cycle-breaking rank
+    # of these scenes sits so close to a threshold or a neighbour that rounding could decide.
     found = dict(zip(expected_pairs, expected_evidence))
     confidences = sorted(e / (e + found.get((b, a), 0.0) + 2) for (a, b), e in found.items())
     assert all(abs(c - 0.5) > 1e-5 for c in confidences)
@@ -656,9 +637,7 @@ def test_a_crop_that_does_not_fit_its_roi_is_rejected():
         pair_overlaps(pred.rois, crops[:1])
 
 
-def test_labels_other_than_visible_and_hidden_count_as_background(monkeypatch):
-    import orcnn_core.occlusion as occlusion
-
+def test_labels_other_than_visible_and_hidden_count_as_background():
     rng = np.random.default_rng(3)
     pred = clustered_prediction(rng, 12)
     expected = pair_overlaps(pred.rois, pred.crops)
@@ -669,10 +648,8 @@ def test_labels_other_than_visible_and_hidden_count_as_background(monkeypatch):
             noisy = crop.astype(dtype)
             noisy[(crop == 0) & (rng.random(crop.shape) < 0.5)] = junk
             crops.append(noisy)
-        for pixels in (0, 1 << 30):  # exact and rounded products
-            monkeypatch.setattr(occlusion, "ROUNDED_PRODUCT_PIXELS", pixels)
-            pairs, pixels = pair_overlaps(pred.rois, crops)
-            assert np.array_equal(pairs, expected[0]) and np.array_equal(pixels, expected[1])
+        pairs, pixels = pair_overlaps(pred.rois, crops)
+        assert np.array_equal(pairs, expected[0]) and np.array_equal(pixels, expected[1])
 
 
 # ------------------------------------------------------------- evidence from probabilities
@@ -873,18 +850,13 @@ def test_empty_and_single_predictions_with_probabilities():
 
 
 # ------------------------------------------- the per-frame path against a canvas reference
-def canvas_pair_evidence(rois, crops, probs=None, rounded_pixels=None):
+def canvas_pair_evidence(rois, crops, probs=None):
     """The evidence rule spelled out on a canvas, without windows or views: every instance's
     visible and hidden planes pasted into a canvas that holds every roi (rois may reach past
     the image on any side), then for every ordered pair a != b the sum over the whole canvas
     of visible_a * hidden_b, added exactly (math.fsum). Planes as the module computes them,
     in float32: labels 1 / 2, or p_visible = u_v * (1/255) and p_amodal * (1 - p_visible);
-    products of float32 values, rounded to float32 when the two rois share at most
-    ``rounded_pixels`` (the module's ROUNDED_PRODUCT_PIXELS) pixels, else exact."""
-    import orcnn_core.occlusion as occlusion
-
-    rounded_pixels = occlusion.ROUNDED_PRODUCT_PIXELS if rounded_pixels is None \
-        else rounded_pixels
+    exact products of those float32 values."""
     rois = np.asarray(rois, np.int64).reshape(-1, 4)
     n = len(rois)
     if n == 0:
@@ -910,10 +882,7 @@ def canvas_pair_evidence(rois, crops, probs=None, rounded_pixels=None):
                 * max(0, min(ya + ha, yb + hb) - max(ya, yb))
             if a == b or shared == 0:
                 continue
-            if shared <= rounded_pixels:
-                products = planes[a, 0] * planes[b, 1]  # float32 products
-            else:
-                products = planes[a, 0].astype(np.float64) * planes[b, 1]  # exact
+            products = planes[a, 0].astype(np.float64) * planes[b, 1]  # exact
             evidence = math.fsum(products.astype(np.float64).ravel().tolist())
             if evidence > 0:
                 out[(a, b)] = evidence
@@ -1002,27 +971,10 @@ def test_empty_masks_and_separate_rois_give_no_pairs():
     assert len(pairs) >= 2
 
 
-def test_both_product_precisions_are_exercised_and_differ():
-    # The split between float32 and exact products is real: the same probabilities give
-    # evidence that differs in the last bits (not more) when a window changes sides.
-    import orcnn_core.occlusion as occlusion
-
-    _, rois, _, probs = hand_built_cases()[-1]
-    rois = np.asarray(rois, np.int32)
-    shared = [canvas_pair_evidence(rois, None, probs, rounded_pixels=p) for p in (0, 1 << 30)]
-    assert shared[0].keys() == shared[1].keys()
-    assert any(shared[0][k] != shared[1][k] for k in shared[0])
-    for k in shared[0]:
-        assert shared[0][k] == pytest.approx(shared[1][k], rel=1e-6)
-    windows = [w * h for w, h in zip(*occlusion._intersecting_pairs(
-        rois.astype(np.int64))[2][2:])]
-    assert max(windows) > occlusion.ROUNDED_PRODUCT_PIXELS >= min(windows)
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_crowded_scenes_evidence_and_graph_equal_the_canvas_reference(seed, monkeypatch):
-    """Crowded random scenes with windows on both sides of the precision split; the graph
-    from the optimised evidence is the graph from the reference's, field for field."""
+    """Crowded random scenes, small and large windows; the graph from the optimised
+    evidence is the graph from the reference's, field for field."""
     import orcnn_core.occlusion as occlusion
 
     rng = np.random.default_rng(300 + seed)
