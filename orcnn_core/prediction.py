@@ -70,9 +70,12 @@ class Prediction:
         if self._stats is None:
             height, width = self.image_size
             amodal, visible, inside = [], [], []
-            for (x, y, w, h), crop in zip(self.rois, self.crops):
+            for (x, y, w, h), crop in zip(self.rois.tolist(), self.crops):
                 amodal.append(int(np.count_nonzero(crop)))
                 visible.append(int(np.count_nonzero(crop == VISIBLE)))
+                if x >= 0 and y >= 0 and x + w <= width and y + h <= height:
+                    inside.append(amodal[-1])  # the roi lies inside the image
+                    continue
                 window = crop[max(-y, 0):max(min(height - y, h), 0),
                               max(-x, 0):max(min(width - x, w), 0)]
                 inside.append(int(np.count_nonzero(window)))
