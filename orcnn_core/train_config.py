@@ -289,6 +289,12 @@ def validate(cfg: TrainConfig, where: str) -> TrainConfig:
         fail("solver.trainable", f"must be all or order_head, got {s.trainable!r}")
     if s.trainable == "order_head" and not cfg.model.order_head:
         fail("solver.trainable", "is order_head, but model.order_head is false")
+    if not cfg.init_mask_heads and not cfg.init_weights:
+        fail("init_mask_heads", "is false, but init_weights names no file to load the rest "
+             "from")
+    if not cfg.init_mask_heads and s.trainable == "order_head":
+        fail("init_mask_heads", "is false with solver.trainable order_head: the new mask "
+             "heads would never train")
     if list(s.steps) != sorted(s.steps):
         fail("solver.steps", f"must be increasing, got {list(s.steps)}")
     if cfg.weights_dtype not in ("float32", "float16"):

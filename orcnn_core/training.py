@@ -543,6 +543,9 @@ def _load_init_weights(model, cfg: TrainConfig, verbose: bool) -> None:
     else:
         init_from_maskrcnn_state_dict(model, cfg.init_weights, verbose=verbose)
     model.load_state_dict(own_heads, strict=False)
+    if own_heads and verbose:
+        print("init_mask_heads: false: the mask and order heads keep their random "
+              "initialisation", flush=True)
 
 
 def _resume(out: Path, model, optimizer, scheduler, cfg: TrainConfig, rank: int) -> int:

@@ -116,9 +116,12 @@ def convergence(histories: dict) -> str:
         f"| {paper} | " + " | ".join(fmt(dict(histories[name]).get(s)) for s in steps) + " |\n"
         for name, paper, _ in VARIANTS)
     last = [ap for _, ap in histories["orcnn"][-2:]]
-    moved = abs(last[-1] - last[0]) if len(last) == 2 else float("nan")
-    return (f"AP_AV (percent) at each evaluation; the ORCNN row moves by {moved:.1f} points "
-            f"between its last two evaluations.\n\n{head}{body}")
+    if len(last) < 2:
+        return (f"AP_AV (percent) at the one evaluation of each run (--eval-period gives "
+                f"more).\n\n{head}{body}")
+    return (f"AP_AV (percent) at each evaluation; the ORCNN row moves by "
+            f"{abs(last[1] - last[0]):.1f} points between its last two evaluations."
+            f"\n\n{head}{body}")
 
 
 def report(rows: dict, args, seconds: dict, histories: dict) -> str:
@@ -163,16 +166,26 @@ Per-variant metrics: `{args.output_dir}/*/metrics.json`.
 {convergence(histories)}"""
 
 
-def variant_config(name: str, overrides: list, args):
-    out = Path(args.output_dir) / name
+def variant_overrides(name: str, overrides: list, args) -> list:
+    """The synth_demo overrides of one variant in this run."""
     init = [f"init_weights={args.init}", "init_mask_heads=false"] if args.init else []
-    return load_train_config("synth_demo", [
-        f"output_dir={out}", f"solver.iterations={args.iterations}",
+    return [
+        f"output_dir={Path(args.output_dir) / name}", f"solver.iterations={args.iterations}",
         f"solver.steps=[{int(args.iterations * 0.75)},{int(args.iterations * 0.9)}]",
         f"solver.warmup_iters={min(200, args.iterations // 5)}",
         f"data.synth_val.num_images={args.val_images}",
         f"data.synth_val.seed={args.val_seed}", f"eval_period={args.eval_period}",
-        f"checkpoint_period={min(250, args.iterations)}", *init, *overrides, *args.set])
+        f"checkpoint_period={min(250, args.iterations)}", *init, *overrides, *args.set]
+
+
+def reuse(out: Path, settings: list):
+    """(row, seconds) of a variant finished before with the same settings; exits naming
+    the difference when it was trained with others (its folder mixes runs)."""
+    result = json.loads((out / "done").read_text())
+    if result.get("settings", settings) != settings:
+        sys.exit(f"{out}: trained with other settings ({result['settings']}, now "
+                 f"{settings}); use another --output-dir")
+    return tuple(result["row"]), result["seconds"]
 
 
 def main(argv=None) -> int:
@@ -202,22 +215,23 @@ def main(argv=None) -> int:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(names)}")
     for name, _, overrides in VARIANTS:
         out = Path(args.output_dir) / name
+        settings = variant_overrides(name, overrides, args)
         if (out / "done").is_file():
             print(f"{name}: trained before, reusing {out / 'done'}")
-            result = json.loads((out / "done").read_text())
-            rows[name], seconds[name] = tuple(result["row"]), result["seconds"]
+            rows[name], seconds[name] = reuse(out, settings)
             histories[name] = history(out)
             continue
         if args.only and name not in args.only:
             continue
         start = time.perf_counter()
         # An interrupted variant continues from its last checkpoint.
-        result = train(variant_config(name, overrides, args),
+        result = train(load_train_config("synth_demo", settings),
                        resume=(out / "checkpoint_last.pt").is_file(), progress=True)
         seconds[name] = time.perf_counter() - start
         rows[name] = figures(result["metrics"])
         histories[name] = history(out)
-        atomic_write_json(out / "done", {"row": rows[name], "seconds": seconds[name]})
+        atomic_write_json(out / "done", {"row": rows[name], "seconds": seconds[name],
+                                         "settings": settings})
         print(f"{name}: {' '.join(fmt(v) for v in rows[name])} ({seconds[name] / 60:.1f} min)")
     if len(rows) < len(VARIANTS):
         print(f"{len(rows)} of {len(VARIANTS)} variants done; the report waits for the rest")

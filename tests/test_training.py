@@ -130,6 +130,7 @@ def test_nan_loss_stops_with_iteration_and_last_checkpoint(tiny_config, tmp_path
     (["solver.steps=[5,2]"], "must be increasing"),
     (["solver.trainable=order_head"], "solver.trainable is order_head, but model.order_head"),
     (["solver.trainable=heads"], "solver.trainable must be all or order_head"),
+    (["init_mask_heads=false"], "init_mask_heads is false, but init_weights names no file"),
 ])
 def test_bad_config_fails_before_any_work(tiny_config, tmp_path, overrides, expected):
     args = ["train", "--config", str(tiny_config), "--set", f"output_dir={tmp_path / 'run'}"]
