@@ -31,27 +31,7 @@ report the larger of the two); on CUDA it is ``torch.cuda.max_memory_allocated``
 ``--json PATH`` also writes the numbers. On a shared machine use ``--threads 1``: with two
 threads on two cores, another busy process makes OpenMP threads spin and timings explode.
 
-Measured with --threads 1 (CPU float32), medians on a shared 2-core machine: other processes
-kept the load average at 3-4, which inflates the absolute times several-fold; the
-side-by-side ratios are what carries over. ms ORCNN / Mask R-CNN (ratio); peak memory added
-by one inference, MB:
-
-    small preset 320x240, 30 detections, --reps 9
-      resnet18_fpn      inference  858 /  785 (1.09)  train 1652 / 1517 (1.09)  +51 / +89 MB
-      mobilenet_v3_fpn  inference  478 /  376 (1.27)  train  654 /  568 (1.15)  +51 / +76 MB
-      resnet50_fpn      inference 1600 / 1664 (0.96)  train 4284 / 3755 (1.14)  +72 / +94 MB
-    small preset 320x240, 10 detections   resnet18_fpn  696 /  670 (1.04)
-    small preset 640x480, 30 detections   resnet18_fpn 2045 / 2238 (0.91)
-    paper preset 640x480, 30 detections   resnet50_fpn 6157 / 5920 (1.04), --reps 5
-
-ORCNN's second mask head costs as many FLOPs as Mask R-CNN's mask head (at 30 detections
-about 40 % of Mask R-CNN's inference). Its channels-last eval mode makes up for that against
-the stock model: in the same run with ResNet-18-FPN at 320x240, ORCNN with contiguous
-weights (torchvision's layout) took 1.42x Mask R-CNN's time, with channels-last 1.07x. Mask
-R-CNN converted the same way (``model.to(memory_format=torch.channels_last)``) gains as
-much, and ORCNN then takes 1.40x (ResNet-18-FPN) and 1.55x (MobileNetV3-FPN) its time: the
-cost of the second head. Training steps differ by -2 to +15 %; the predictor column adds
-:func:`orcnn_core.predictor.label_crops` and the copies to numpy to ORCNN's inference.
+The tables of a run, with the machine, the load and what they mean: docs/performance.md.
 """
 
 import argparse
