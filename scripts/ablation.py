@@ -87,11 +87,21 @@ def orderings(rows: dict) -> list:
          lambda r: abs(col(r, "orcnn_modal_aug", 0) - col(r, "orcnn", 0)) <= 3),
     ]
     paper_rows = {name: PAPER[paper] for name, paper, _ in VARIANTS}
-    return [(claim, test(paper_rows), test(rows)) for claim, test in claims]
+
+    def here(test):
+        try:
+            return test(rows)
+        except KeyError:  # a variant it needs is still training (--partial)
+            return None
+    return [(claim, test(paper_rows), here(test)) for claim, test in claims]
 
 
 def fmt(value) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def verdict(holds) -> str:
+    return "pending" if holds is None else "yes" if holds else "no"
 
 
 def history(out: Path) -> list:
@@ -117,9 +127,10 @@ def convergence(histories: dict) -> str:
     head = ("| model | " + " | ".join(str(s) for s in steps) + " |\n|---|"
             + "---|" * len(steps) + "\n")
     body = "".join(
-        f"| {paper} | " + " | ".join(fmt(dict(histories[name]).get(s)) for s in steps) + " |\n"
+        f"| {paper} | " + " | ".join(fmt(dict(histories.get(name, [])).get(s))
+                                     for s in steps) + " |\n"
         for name, paper, _ in VARIANTS)
-    last = [ap for _, ap in histories["orcnn"][-2:]]
+    last = [ap for _, ap in histories.get("orcnn", [])[-2:]]
     if len(last) < 2:
         return (f"AP_AV (percent) at the one evaluation of each run (--eval-period gives "
                 f"more).\n\n{head}{body}")
@@ -131,11 +142,12 @@ def convergence(histories: dict) -> str:
 def report(rows: dict, args, seconds: dict, histories: dict) -> str:
     header = ("| model | AP_AV | AP_A | AP_V | occl. AP_AV | occl. AP_A | occl. AP_V | "
               "occl. AP_IV50 |\n|---|---|---|---|---|---|---|---|\n")
-    ours = "".join(f"| {paper} | " + " | ".join(fmt(v) for v in rows[name]) + " |\n"
+    ours = "".join(f"| {paper}{'' if name in rows else ' *(training)*'} | "
+                   + " | ".join(fmt(v) for v in rows.get(name, (None,) * 7)) + " |\n"
                    for name, paper, _ in VARIANTS)
     theirs = "".join(f"| {paper} | " + " | ".join(fmt(v) for v in PAPER[paper]) + " |\n"
                      for _, paper, _ in VARIANTS)
-    checks = "".join(f"| {claim} | {'yes' if p else 'no'} | {'yes' if h else 'no'} |\n"
+    checks = "".join(f"| {claim} | {verdict(p)} | {verdict(h)} |\n"
                      for claim, p, h in orderings(rows))
     total_min = sum(seconds.values()) / 60
     return f"""# Ablation: the paper's Table 6 on synthetic scenes
@@ -207,6 +219,9 @@ def main(argv=None) -> int:
                         "report.md in the output folder; docs/ablation.md quotes it)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for every variant")
+    parser.add_argument("--partial", action="store_true",
+                        help="train nothing; write the report with the variants finished "
+                             "so far (the others marked as training)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="train just these variants (several processes can share the "
                              "work); the report is written once every variant is done")
@@ -225,7 +240,7 @@ def main(argv=None) -> int:
             rows[name], seconds[name] = reuse(out, settings)
             histories[name] = history(out)
             continue
-        if args.only and name not in args.only:
+        if args.partial or (args.only and name not in args.only):
             continue
         start = time.perf_counter()
         # An interrupted variant continues from its last checkpoint.
@@ -237,8 +252,9 @@ def main(argv=None) -> int:
         atomic_write_json(out / "done", {"row": rows[name], "seconds": seconds[name],
                                          "settings": settings})
         print(f"{name}: {' '.join(fmt(v) for v in rows[name])} ({seconds[name] / 60:.1f} min)")
-    if len(rows) < len(VARIANTS):
-        print(f"{len(rows)} of {len(VARIANTS)} variants done; the report waits for the rest")
+    if len(rows) < len(VARIANTS) and not args.partial:
+        print(f"{len(rows)} of {len(VARIANTS)} variants done; the report waits for the rest "
+              f"(--partial writes it now)")
         return 0
     text = report(rows, args, seconds, histories)
     atomic_write_bytes(args.out or Path(args.output_dir) / "report.md", text.encode("utf-8"))
