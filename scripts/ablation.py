@@ -139,6 +139,15 @@ def convergence(histories: dict) -> str:
             f"\n\n{head}{body}")
 
 
+def command(args) -> str:
+    """The arguments that decide the runs (not which process trained which variant)."""
+    words = [f"--iterations {args.iterations}", f"--eval-period {args.eval_period}",
+             f"--val-images {args.val_images}", f"--val-seed {args.val_seed}"]
+    words += [f"--init {args.init}"] if args.init else []
+    words += [f"--set {item}" for item in args.set]
+    return " ".join(words)
+
+
 def report(rows: dict, args, seconds: dict, histories: dict) -> str:
     header = ("| model | AP_AV | AP_A | AP_V | occl. AP_AV | occl. AP_A | occl. AP_V | "
               "occl. AP_IV50 |\n|---|---|---|---|---|---|---|---|\n")
@@ -152,7 +161,7 @@ def report(rows: dict, args, seconds: dict, histories: dict) -> str:
     total_min = sum(seconds.values()) / 60
     return f"""# Ablation: the paper's Table 6 on synthetic scenes
 
-Produced by `python scripts/ablation.py {' '.join(args.argv)}` ({total_min:.0f} min of
+Produced by `python scripts/ablation.py {command(args)}` ({total_min:.0f} min of
 training in all, one CPU thread per variant). Every variant {start_text(args)} the
 `synth_demo` configuration shortened to {args.iterations} iterations (same data order,
 schedule shape and seed), then is evaluated on the same {args.val_images} held-out synthetic
@@ -226,7 +235,6 @@ def main(argv=None) -> int:
                         help="train just these variants (several processes can share the "
                              "work); the report is written once every variant is done")
     args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
     rows, seconds, histories = {}, {}, {}
     names = [name for name, _, _ in VARIANTS]
     unknown = sorted(set(args.only or []) - set(names))
