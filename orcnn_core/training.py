@@ -345,7 +345,8 @@ def check_output_dir(path: Path) -> None:
         # Named like a temporary file so that a run killed here leaves nothing behind.
         probe = path / f".write-test-{os.getpid()}{TEMP_SUFFIX}"
         probe.write_bytes(b"")
-        probe.unlink()
+        # Rank 0 of a distributed run may have removed it already as a stale temporary file.
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         raise InputError(f"output_dir {path}: not writable ({exc.strerror})") from None
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from orcnn_core.train_config import load_train_config
 from orcnn_core.model import MASK_HEAD_PREFIXES, build_model
 from orcnn_core.training import (CHECKPOINT, FINAL_WEIGHTS, _build_training_objects,
-                                 load_checkpoint, lr_factor, train)
+                                 check_output_dir, load_checkpoint, lr_factor, train)
 from orcnn_core.weights import build_from_file
 from helpers import logged_losses
 from tiny_models import train_config, write_train_config
@@ -169,3 +170,18 @@ def test_init_mask_heads_false_keeps_the_heads_random_and_loads_the_rest(tiny_co
         expected = fresh[name] if name in heads else saved[name]
         assert torch.equal(value, expected.to(value.dtype)), name
     assert not torch.equal(fresh[heads[0]], saved[heads[0]])  # the two sources differ
+
+
+def test_a_write_probe_removed_by_another_rank_is_not_an_error(tmp_path, monkeypatch):
+    # Rank 0 removes stale temporary files while rank 1 may be proving the folder writable
+    # with a probe named like one (a two-process run once failed with "not writable").
+    write_bytes = Path.write_bytes
+
+    def write_then_vanish(self, data):
+        written = write_bytes(self, data)
+        self.unlink()
+        return written
+
+    monkeypatch.setattr(Path, "write_bytes", write_then_vanish)
+    check_output_dir(tmp_path / "run")
+    assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir())
